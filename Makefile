@@ -1,0 +1,22 @@
+# Two entry points for a fresh clone: `make demo` and `make test` (README.md).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# The CPU build of torch this project is developed and tested against. Installed only when no torch
+# is present, so an existing CUDA build is never replaced. Override: make test TORCH_SPEC=torch==2.5.1
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test lint bench
+
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev]"
+
+demo: install
+	$(PYTHON) -m stoker.cli demo --out stoker-demo
+
+test: install
+	$(PYTHON) -m pytest -q
+
+lint:
+	$(PYTHON) -m ruff check src tests benchmarks
+	$(PYTHON) -m ruff format --check src tests benchmarks

@@ -1,0 +1,36 @@
+"""stoker keeps the GPU fed: DataLoaders sized to the real CPU budget, for diffusion fine-tuning data.
+
+The public API lives here; everything else is private to the package.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from stoker.budget import Budget, Limit, cpu_budget
+from stoker.errors import CacheError, ConfigError, DatasetError, StokerError, StokerWarning
+from stoker.loader import StokerLoader, make_loader, plan_loader
+from stoker.plan import Adjustment, LoaderPlan, LoaderRequest
+
+__version__ = "0.1.0"
+
+# A library logs; the application decides where logs go (warnings already reach the user).
+logging.getLogger("stoker").addHandler(logging.NullHandler())
+
+__all__ = [
+    "Adjustment",
+    "Budget",
+    "CacheError",
+    "ConfigError",
+    "DatasetError",
+    "Limit",
+    "LoaderPlan",
+    "LoaderRequest",
+    "StokerError",
+    "StokerLoader",
+    "StokerWarning",
+    "__version__",
+    "cpu_budget",
+    "make_loader",
+    "plan_loader",
+]

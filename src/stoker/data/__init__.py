@@ -1,0 +1,1 @@
+"""sd-scripts datasets as they are: config, catalog, buckets, captions, images, sampler, dataset."""

@@ -1,0 +1,33 @@
+"""The one tree of stoker errors and warnings.
+
+- ``StokerError``: base of everything stoker raises on purpose.
+  - ``ConfigError``: a dataset config, folder name or setting that cannot be used (also a ``ValueError``).
+  - ``DatasetError``: the data itself cannot be loaded (missing folder, empty dataset, bad files under
+    ``on_error="raise"``).
+  - ``CacheError``: a scan, tuning or latent cache cannot be read or written.
+- ``StokerWarning``: every warning stoker issues, so users can filter them in one line.
+
+Every message says what went wrong, where (file, table, key, image path) and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class StokerError(Exception):
+    """Base class of errors raised by stoker."""
+
+
+class ConfigError(StokerError, ValueError):
+    """A configuration value or file that has no safe meaning."""
+
+
+class DatasetError(StokerError):
+    """A dataset that cannot be loaded as configured."""
+
+
+class CacheError(StokerError):
+    """A cache that cannot be read or written."""
+
+
+class StokerWarning(UserWarning):
+    """A setting was changed or a problem was worked around; the message says what and why."""

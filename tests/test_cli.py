@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stoker.cli import main
+
+
+def test_doctor_prints_budget_limits_and_plan(capsys, monkeypatch):
+    monkeypatch.setenv("STOKER_CPUS", "3")
+    assert main(["doctor", "--workers", "8", "--persistent"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU budget: 3 CPUs for this process (STOKER_CPUS=3 (override))" in out
+    assert "override" in out and "limits checked:" in out
+    assert "workers: 8 -> 3: only 3 CPUs are available" in out
+    assert "Recommended:" in out and "num_workers=3" in out
+
+
+def test_doctor_json_has_the_promised_keys(capsys, monkeypatch):
+    monkeypatch.setenv("STOKER_CPUS", "1")
+    assert (
+        main(["doctor", "--workers", "4", "--persistent", "--prefetch-factor", "4", "--json"]) == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert {"cpus", "source", "limits", "plan", "adjustments"} <= set(report)
+    assert report["cpus"] == 1
+    assert report["plan"]["num_workers"] == 0 and report["plan"]["persistent_workers"] is False
+    settings = {a["setting"] for a in report["adjustments"]}
+    assert settings == {"workers", "persistent", "prefetch_factor"}
+    assert all(a["reason"] for a in report["adjustments"])
+
+
+def test_doctor_bad_value_is_one_line_and_exit_2(capsys):
+    assert main(["doctor", "--workers", "eight"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "stoker: error: workers='eight' is not valid: use a whole number >= 0 (0 loads in the "
+        "main process), 'auto' to measure, or None for the default from the CPU budget"
+    )
+
+
+def test_bad_stoker_cpus_is_one_line_and_exit_1(capsys, monkeypatch):
+    monkeypatch.setenv("STOKER_CPUS", "lots")
+    assert main(["doctor"]) == 1
+    assert capsys.readouterr().err.startswith("stoker: error: STOKER_CPUS='lots'")
+
+
+def test_usage_error_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["doctor", "--prefetch-factor", "x"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.slow
+def test_demo_writes_and_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("STOKER_CPUS", "1")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--images", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "Wrote a sample dataset of 8 images" in out
+    assert "epoch 1:" in out and "Loaded" in out

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import stoker
+
+EXPECTED = [
+    "Adjustment",
+    "Budget",
+    "CacheError",
+    "ConfigError",
+    "DatasetError",
+    "Limit",
+    "LoaderPlan",
+    "LoaderRequest",
+    "StokerError",
+    "StokerLoader",
+    "StokerWarning",
+    "__version__",
+    "cpu_budget",
+    "make_loader",
+    "plan_loader",
+]
+
+
+def test_public_api_is_exactly_this():
+    assert stoker.__all__ == EXPECTED
+    assert sorted(stoker.__all__) == stoker.__all__
+    for name in stoker.__all__:
+        assert hasattr(stoker, name), name
