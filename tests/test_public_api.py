@@ -8,16 +8,21 @@ EXPECTED = [
     "CacheError",
     "ConfigError",
     "DatasetError",
+    "DatasetReport",
     "Limit",
     "LoaderPlan",
     "LoaderRequest",
+    "Problem",
+    "StokerDataset",
     "StokerError",
     "StokerLoader",
     "StokerWarning",
     "__version__",
     "cpu_budget",
+    "load_dataset",
     "make_loader",
     "plan_loader",
+    "to_float_images",
 ]
 
 

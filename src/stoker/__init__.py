@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 
 from stoker.budget import Budget, Limit, cpu_budget
+from stoker.data.catalog import Problem
+from stoker.data.dataset import DatasetReport, StokerDataset, load_dataset, to_float_images
 from stoker.errors import CacheError, ConfigError, DatasetError, StokerError, StokerWarning
 from stoker.loader import StokerLoader, make_loader, plan_loader
 from stoker.plan import Adjustment, LoaderPlan, LoaderRequest
@@ -23,14 +25,19 @@ __all__ = [
     "CacheError",
     "ConfigError",
     "DatasetError",
+    "DatasetReport",
     "Limit",
     "LoaderPlan",
     "LoaderRequest",
+    "Problem",
+    "StokerDataset",
     "StokerError",
     "StokerLoader",
     "StokerWarning",
     "__version__",
     "cpu_budget",
+    "load_dataset",
     "make_loader",
     "plan_loader",
+    "to_float_images",
 ]

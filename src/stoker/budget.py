@@ -90,7 +90,12 @@ class Budget:
             where="argument",
             detail=f"{cpus} CPUs given by the caller",
         )
-        return cls(cpus=cpus, node_cpus=cpus, source=f"given {cpus} CPUs", limits=(limit,))
+        return cls(
+            cpus=cpus,
+            node_cpus=cpus,
+            source=f"given {cpus} CPU{'' if cpus == 1 else 's'}",
+            limits=(limit,),
+        )
 
     @property
     def binding(self) -> Limit | None:

@@ -178,24 +178,30 @@ def _run_demo(args: argparse.Namespace) -> int:
     plan = _plan_from_args(args, budget)
     print("\n".join(_render_budget(budget) + [""] + _render_plan(plan)))
     print(f"\nLoading it with stoker.make_loader(workers={plan.num_workers}) ...")
-    return _demo_load(sample.train_data_dir, plan)
+    return _demo_load(sample.config, plan)
 
 
-def _demo_load(folder: Path, plan: stoker.LoaderPlan) -> int:
-    from stoker.data.demo_dataset import SquareImages
-
-    dataset = SquareImages(sorted(folder.rglob("*.jpg")) + sorted(folder.rglob("*.png")), size=256)
+def _demo_load(config: Path, plan: stoker.LoaderPlan) -> int:
+    dataset = stoker.load_dataset(config)
+    report = dataset.report
+    print(
+        f"  {report.images} images, {report.samples_per_epoch} samples per epoch with repeats "
+        f"and regularisation balancing, {len(report.buckets[0].buckets)} buckets"
+    )
     loader = stoker.make_loader(
-        dataset, batch_size=4, shuffle=True, seed=0, budget=plan.budget, **_plan_settings(plan)
+        dataset, shuffle=True, seed=0, budget=plan.budget, **_plan_settings(plan)
     )
     start = time.perf_counter()
     count = 0
     for epoch in range(2):
         for batch in loader:
-            count += batch.shape[0]
-        print(f"  epoch {epoch}: {len(loader)} batches of shape {tuple(batch.shape)}")
+            count += len(batch["captions"])
+        print(
+            f"  epoch {epoch}: {len(loader)} batches; last: images "
+            f"{tuple(batch['images'].shape)}, captions {batch['captions']}"
+        )
     seconds = time.perf_counter() - start
-    print(f"Loaded {count} images in {seconds:.2f} s ({count / seconds:.1f} images/s).")
+    print(f"Loaded {count} samples in {seconds:.2f} s ({count / seconds:.1f} samples/s).")
     return 0
 
 
@@ -209,6 +215,75 @@ def _plan_settings(plan: stoker.LoaderPlan) -> dict[str, Any]:
         "timeout": req.timeout,
         "start_method": req.start_method,
     }
+
+
+# --- scan ----------------------------------------------------------------------------------------
+
+
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source",
+        help="dataset config (.toml/.json), train_data_dir, or fine-tuning metadata (.json/.jsonl)",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="training resolution, when the source does not set it",
+    )
+    parser.add_argument(
+        "--reg-data-dir", default=None, help="regularisation folders, for a train_data_dir source"
+    )
+    parser.add_argument("--image-dir", default=None, help="images of a metadata source")
+
+
+def _load_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
+    return stoker.load_dataset(
+        args.source,
+        resolution=args.resolution,
+        reg_data_dir=args.reg_data_dir,
+        image_dir=args.image_dir,
+        **kwargs,
+    )
+
+
+def _run_scan(args: argparse.Namespace) -> int:
+    dataset = _load_from_args(args, on_error="skip")
+    report = dataset.report
+    if args.json:
+        _print_json(report)
+        return 1 if report.problems else 0
+    print("\n".join(_render_report(report)))
+    return 1 if report.problems else 0
+
+
+def _render_report(report: Any) -> list[str]:
+    lines = [
+        f"{report.images} images, {report.samples_per_epoch} samples per epoch "
+        f"(with repeats), {report.batches_per_epoch} batches per epoch"
+    ]
+    lines.append("Subsets:")
+    for sub in report.subsets:
+        kind = "reg  " if sub.is_reg else "train"
+        lines.append(
+            f"  {kind} {sub.images:>6} images x{sub.num_repeats:<3} -> "
+            f"{sub.samples_per_epoch:>7} samples  {sub.folder}"
+            + (f"  ({sub.missing_captions} without caption)" if sub.missing_captions else "")
+        )
+    lines += [f"Note: {note}" for note in report.notes]
+    for d, buckets in enumerate(report.buckets):
+        lines.append(f"Buckets of dataset {d + 1} (mean aspect error {buckets.mean_ar_error:.4f}):")
+        for b in buckets.buckets:
+            lines.append(
+                f"  {b.width:>5} x {b.height:<5} {b.count:>7} images  "
+                f"aspect error {b.mean_ar_error:+.4f}"
+            )
+    if report.problems:
+        lines.append(f"Problems ({len(report.problems)}):")
+        lines += [f"  {p.path}: {p.reason} [{p.action}]" for p in report.problems]
+    else:
+        lines.append("No problems found.")
+    return lines
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -233,6 +308,17 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_plan_options(doctor)
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
     doctor.set_defaults(run=_run_doctor)
+
+    scan = sub.add_parser(
+        "scan",
+        help="scan a dataset: counts, buckets, bad files",
+        description="Scan an sd-scripts dataset as training would: subsets, image and repeat "
+        "counts, regularisation balancing, missing captions, bad files with reasons, "
+        "and the bucket table. Exit code 1 when problems were found.",
+    )
+    _add_source_options(scan)
+    scan.add_argument("--json", action="store_true", help="print the report as JSON")
+    scan.set_defaults(run=_run_scan)
 
     demo = sub.add_parser(
         "demo",

@@ -12,7 +12,7 @@ import random
 import secrets
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -147,10 +147,36 @@ class WorkerInit:
 
 
 class StokerLoader(DataLoader):  # type: ignore[type-arg]
-    """A ``torch.utils.data.DataLoader`` that knows the plan it was built from and its seed."""
+    """A ``torch.utils.data.DataLoader`` that knows the plan it was built from and its seed.
+
+    Batches from stoker datasets carry a ``replaced`` list: files that failed to decode in a
+    worker and were replaced by another image of their bucket. The loader moves these into
+    ``dataset.decode_problems`` in the main process and warns once per file.
+    """
 
     plan: LoaderPlan
     seed: int
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            if isinstance(batch, dict) and batch.get("replaced"):
+                self._record_replaced(batch["replaced"])
+            yield batch
+
+    def _record_replaced(self, replaced: list[tuple[str, str]]) -> None:
+        from stoker.data.catalog import Problem
+
+        known = getattr(self.dataset, "decode_problems", None)
+        for path, reason in replaced:
+            problem = Problem(path=path, reason=reason, stage="decode", action="replaced")
+            if isinstance(known, list) and problem not in known:
+                known.append(problem)
+                message = (
+                    f"stoker could not decode {path} ({reason}); it was replaced by another "
+                    "image of its bucket. Fix or remove the file; stoker scan lists bad files."
+                )
+                logger.warning(message)
+                warnings.warn(message, StokerWarning, stacklevel=2)
 
 
 def make_loader(
@@ -187,7 +213,8 @@ def make_loader(
                 raise ValueError(f"give either {name}= or {alias}=, not both")
             settings[name] = value
     if seed is None:
-        seed = secrets.randbits(63)
+        seed = getattr(dataset, "seed", None)
+        seed = secrets.randbits(63) if seed is None else seed
     plan = plan_loader(
         workers=settings["workers"],
         persistent=settings["persistent"],
@@ -200,6 +227,15 @@ def make_loader(
     generator = torch.Generator()
     generator.manual_seed(seed)
     worker_init = WorkerInit(seed, dataloader_kwargs.pop("worker_init_fn", None))
+    if callable(getattr(dataset, "make_batch_sampler", None)):
+        # stoker datasets batch by bucket themselves; batch_size and shuffle go to their sampler.
+        if getattr(dataset, "seed", seed) != seed:
+            dataset = dataset.with_seed(seed)
+        dataloader_kwargs.setdefault(
+            "batch_sampler", dataset.make_batch_sampler(seed=seed, shuffle=shuffle)
+        )
+        dataloader_kwargs.setdefault("collate_fn", dataset.collate_fn)
+        batch_size, shuffle = 1, False
     loader = StokerLoader(
         dataset,
         batch_size=batch_size,

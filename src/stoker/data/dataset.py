@@ -1,0 +1,693 @@
+"""sd-scripts datasets as torch datasets: load, bucket, batch, and turn keys into training batches.
+
+``load_dataset(source)`` reads a dataset config, a ``train_data_dir`` or fine-tuning metadata,
+scans it once, assigns buckets, and returns a ``StokerDataset``. The dataset is map-style: its
+batch sampler yields keys ``(epoch, position, image, step)``, and ``__getitems__`` turns a batch of
+keys into a batch dict with sd-scripts' keys. Every random choice for a sample comes from
+generators keyed on ``(seed, epoch, position)``, so the batch does not depend on which worker made
+it, how many workers there are, or how they were started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from stoker.data.buckets import BucketReport, BucketSpec, assign_buckets, bucket_report
+from stoker.data.captions import CaptionRules, process_caption
+from stoker.data.catalog import Catalog, Problem, scan_dataset, stderr_progress
+from stoker.data.config import (
+    DatasetConfig,
+    DatasetGroupConfig,
+    SubsetConfig,
+    config_from_metadata,
+    config_from_train_data_dir,
+    parse_dataset_config,
+)
+from stoker.data.images import (
+    ImageProblem,
+    alpha_to_mask,
+    color_aug,
+    conditioning_crop_top_left,
+    face_crop,
+    open_image,
+    parse_face_info,
+    resize_crop,
+)
+from stoker.data.sampler import BucketBatchSampler, balance_reg_repeats
+from stoker.errors import DatasetError, StokerWarning
+from stoker.rng import Stream, keyed_rng
+
+__all__ = ["DatasetReport", "StokerDataset", "load_dataset", "passthrough_collate"]
+
+OnError = Literal["raise", "skip", "warn"]
+Output = Literal["float", "uint8"]
+_CAPTION_FIELDS = tuple(f.name for f in dataclasses.fields(CaptionRules))
+# How many other images of the same bucket to try before giving up on a batch slot.
+_REPLACEMENT_TRIES = 8
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubsetSummary:
+    """Counts for one subset: what ``stoker scan`` shows per line."""
+
+    where: str
+    folder: str
+    is_reg: bool
+    num_repeats: int
+    images: int
+    samples_per_epoch: int
+    missing_captions: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatasetReport:
+    """What a dataset holds and what was wrong with its input.
+
+    Attributes:
+        images: usable images.
+        samples_per_epoch: images counted with their repeats (and regularisation balancing).
+        batches_per_epoch: batches per epoch on one rank.
+        subsets: per-subset counts.
+        problems: every file skipped or worked around, with the reason.
+        buckets: the bucket table (per dataset, in dataset order).
+        notes: other things worth knowing (regularisation balancing, skipped folders).
+    """
+
+    images: int
+    samples_per_epoch: int
+    batches_per_epoch: int
+    subsets: tuple[SubsetSummary, ...]
+    problems: tuple[Problem, ...]
+    buckets: tuple[BucketReport, ...]
+    notes: tuple[str, ...] = ()
+
+
+def passthrough_collate(batch: Any) -> Any:
+    """``collate_fn`` for datasets whose ``__getitems__`` already returns a whole batch."""
+    return batch
+
+
+def _caption_rules(subset: SubsetConfig) -> CaptionRules:
+    return CaptionRules(**{name: getattr(subset, name) for name in _CAPTION_FIELDS})
+
+
+class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Images of one or more sd-scripts datasets with their buckets, repeats and caption rules.
+
+    Build it with `load_dataset`. ``len(dataset)`` is the number of usable images;
+    ``dataset.report`` says what was found and skipped. Pass it to ``stoker.make_loader``, which
+    uses ``make_batch_sampler`` and ``collate_fn`` on its own.
+    """
+
+    collate_fn = staticmethod(passthrough_collate)
+
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        datasets: Sequence[DatasetConfig],
+        bucket_wh: np.ndarray,
+        resized_wh: np.ndarray,
+        groups: np.ndarray,
+        repeats: np.ndarray,
+        batch_sizes: np.ndarray,
+        report: DatasetReport,
+        seed: int = 0,
+        max_train_steps: int | None = None,
+        output: Output = "float",
+        fast_decode: bool = True,
+    ) -> None:
+        self.catalog = catalog
+        self.datasets = tuple(datasets)
+        self.bucket_wh = bucket_wh
+        self.resized_wh = resized_wh
+        self.groups = groups
+        self.repeats = repeats
+        self.batch_sizes = batch_sizes
+        self.report = report
+        self.seed = seed
+        self.max_train_steps = max_train_steps
+        self.output = output
+        self.fast_decode = fast_decode
+        self.caption_rules = tuple(_caption_rules(s) for s in catalog.subsets)
+        self.has_alpha = any(s.alpha_mask for s in catalog.subsets)
+        self.has_conditioning = any(s.conditioning_data_dir is not None for s in catalog.subsets)
+        self.decode_problems: list[Problem] = []  # filled in the main process by the loader
+
+    def __len__(self) -> int:
+        return len(self.catalog)
+
+    def with_seed(self, seed: int) -> StokerDataset:
+        """The same dataset (arrays shared, not copied) with another augmentation seed."""
+        twin = object.__new__(StokerDataset)
+        twin.__dict__.update(self.__dict__)
+        twin.seed = seed
+        return twin
+
+    def make_batch_sampler(
+        self,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        even_batches: Literal["pad", "drop"] = "pad",
+    ) -> BucketBatchSampler:
+        """The sampler of whole bucket batches for this dataset (see ``data/sampler.py``)."""
+        return BucketBatchSampler(
+            groups=self.groups,
+            repeats=self.repeats,
+            batch_sizes=self.batch_sizes,
+            seed=seed,
+            shuffle=shuffle,
+            rank=rank,
+            world_size=world_size,
+            even_batches=even_batches,
+        )
+
+    def __getitem__(self, key: int | tuple[int, int, int, int]) -> dict[str, Any]:
+        """One sample as a batch of one; an int means that image at epoch 0, position = image."""
+        if isinstance(key, (int, np.integer)):
+            key = (0, int(key), int(key), 0)
+        return self.__getitems__([key])
+
+    def __getitems__(self, keys: Sequence[Sequence[int]]) -> dict[str, Any]:
+        samples, replaced = [], []
+        for key in keys:
+            sample, problems = self._sample_or_replacement(tuple(int(k) for k in key))
+            samples.append(sample)
+            replaced += problems
+        batch = _collate(samples, float_images=self.output == "float")
+        batch["replaced"] = replaced
+        return batch
+
+    # --- one sample ------------------------------------------------------------------------
+
+    def _sample_or_replacement(
+        self, key: tuple[int, ...]
+    ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+        epoch, position, image, step = key
+        problems: list[tuple[str, str]] = []
+        candidates = self._replacements(image, epoch, position)
+        for index in [image, *candidates]:
+            try:
+                return self._sample(index, epoch, position, step), problems
+            except ImageProblem as err:
+                problems.append((self.catalog.paths[index], err.reason))
+        tried = ", ".join(f"{p} ({r})" for p, r in problems)
+        raise DatasetError(
+            f"no image of this bucket could be decoded for sample {position} of epoch {epoch}; "
+            f"tried: {tried}. Check these files (stoker scan lists bad files)."
+        )
+
+    def _replacements(self, image: int, epoch: int, position: int) -> list[int]:
+        same = np.flatnonzero(self.groups == self.groups[image])
+        same = same[same != image]
+        if len(same) == 0:
+            return []
+        rng = keyed_rng(self.seed, epoch, position, Stream.REPLACE)
+        count = min(_REPLACEMENT_TRIES, len(same))
+        return [int(i) for i in rng.choice(same, size=count, replace=False)]
+
+    def _sample(self, index: int, epoch: int, position: int, step: int) -> dict[str, Any]:
+        subset_index = int(self.catalog.subset[index])
+        subset = self.catalog.subsets[subset_index]
+        dataset = self.datasets[self.catalog.dataset_of_subset[subset_index]]
+        path = self.catalog.paths[index]
+        rng = keyed_rng(self.seed, epoch, position, Stream.IMAGE)
+        original_wh = (int(self.catalog.widths[index]), int(self.catalog.heights[index]))
+        bucket = (int(self.bucket_wh[index, 0]), int(self.bucket_wh[index, 1]))
+        resized = (int(self.resized_wh[index, 0]), int(self.resized_wh[index, 1]))
+        interpolation = subset.resize_interpolation or dataset.resize_interpolation
+        flip = bool(subset.flip_aug and rng.random() < 0.5)
+        face = parse_face_info(Path(path).stem) if subset.face_crop_aug_range else None
+        if face is not None and not dataset.enable_bucket:
+            pixels = self._face_sample(path, subset, face, bucket, rng, interpolation, flip)
+            crop = (0, 0)
+        else:
+            img = open_image(
+                path, alpha=subset.alpha_mask, draft_size=resized if self.fast_decode else None
+            )
+            pixels = _fit(img, subset, resized, bucket, rng, interpolation, flip)
+            crop = conditioning_crop_top_left(original_wh, bucket, flipped=flip)
+        if subset.color_aug:
+            pixels[..., :3] = color_aug(np.ascontiguousarray(pixels[..., :3]), rng)
+        sample: dict[str, Any] = {
+            "pixels": pixels,
+            "caption": self._caption(index, subset_index, epoch, position, step),
+            "loss_weight": dataset.prior_loss_weight if subset.is_reg else 1.0,
+            "original_size_hw": (original_wh[1], original_wh[0]),
+            "crop_top_left": crop,
+            "target_size_hw": (bucket[1], bucket[0]),
+            "flipped": flip,
+            "network_multiplier": dataset.network_multiplier,
+            "custom_attributes": dict(subset.custom_attributes),
+            "image_key": path,
+            "alpha": subset.alpha_mask,
+        }
+        if self.has_conditioning:
+            sample["conditioning"] = self._conditioning(
+                index, resized, bucket, epoch, position, interpolation, flip
+            )
+        return sample
+
+    def _face_sample(
+        self,
+        path: str,
+        subset: SubsetConfig,
+        face: tuple[int, int, int, int],
+        bucket: tuple[int, int],
+        rng: np.random.Generator,
+        interpolation: str | None,
+        flip: bool,
+    ) -> np.ndarray:
+        assert subset.face_crop_aug_range is not None
+        img = np.asarray(open_image(path, alpha=subset.alpha_mask))
+        out = face_crop(
+            img,
+            face_center_wh=(face[0], face[1]),
+            face_size_wh=(face[2], face[3]),
+            face_crop_aug_range=subset.face_crop_aug_range,
+            resolution_wh=bucket,
+            rng=rng,
+            random_crop=subset.random_crop,
+            interpolation=interpolation,
+        )
+        return np.array(out[:, ::-1] if flip else out, order="C")
+
+    def _conditioning(
+        self,
+        index: int,
+        resized: tuple[int, int],
+        bucket: tuple[int, int],
+        epoch: int,
+        position: int,
+        interpolation: str | None,
+        flip: bool,
+    ) -> np.ndarray:
+        path = self.catalog.conditioning[index]
+        # The image's own generator again: a random crop lands on the same pixels.
+        rng = keyed_rng(self.seed, epoch, position, Stream.IMAGE)
+        subset = self.catalog.subsets[int(self.catalog.subset[index])]
+        if subset.flip_aug:
+            rng.random()  # the flip draw, so the crop draws below match the image's
+        return _fit(open_image(path), subset, resized, bucket, rng, interpolation, flip)
+
+    def _caption(self, index: int, subset_index: int, epoch: int, position: int, step: int) -> str:
+        rng = keyed_rng(self.seed, epoch, position, Stream.CAPTION)
+        return process_caption(
+            self.catalog.captions[index],
+            self.caption_rules[subset_index],
+            rng,
+            epoch=epoch,
+            step=step,
+            max_train_steps=self.max_train_steps,
+        )
+
+
+def _fit(
+    img: Any,
+    subset: SubsetConfig,
+    resized: tuple[int, int],
+    bucket: tuple[int, int],
+    rng: np.random.Generator,
+    interpolation: str | None,
+    flip: bool,
+) -> np.ndarray:
+    """Resize to cover the bucket, crop (centred or random, per the subset) and flip."""
+    pixels, _ = resize_crop(
+        img,
+        resized_wh=resized,
+        bucket_wh=bucket,
+        random_crop=subset.random_crop,
+        rng=rng,
+        interpolation=interpolation,
+        flip=flip,
+    )
+    return pixels
+
+
+def _collate(samples: list[dict[str, Any]], *, float_images: bool) -> dict[str, Any]:
+    """Stack samples of one bucket into sd-scripts' batch dict."""
+    pixels = [s["pixels"] for s in samples]
+    rgb = np.stack([p[..., :3] for p in pixels])
+    images = torch.from_numpy(rgb).permute(0, 3, 1, 2)
+    batch: dict[str, Any] = {
+        "images": to_float_images(images) if float_images else images.contiguous(),
+        "captions": [s["caption"] for s in samples],
+        "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
+        "original_sizes_hw": torch.tensor([s["original_size_hw"] for s in samples]),
+        "crop_top_lefts": torch.tensor([s["crop_top_left"] for s in samples]),
+        "target_sizes_hw": torch.tensor([s["target_size_hw"] for s in samples]),
+        "flippeds": [s["flipped"] for s in samples],
+        "network_multipliers": torch.tensor(
+            [s["network_multiplier"] for s in samples], dtype=torch.float32
+        ),
+        "custom_attributes": [s["custom_attributes"] for s in samples],
+        "image_keys": [s["image_key"] for s in samples],
+    }
+    if any(s["alpha"] for s in samples):
+        masks = [
+            alpha_to_mask(p) if p.shape[2] == 4 else np.ones(p.shape[:2], np.float32)
+            for p in pixels
+        ]
+        batch["alpha_masks"] = torch.from_numpy(np.stack(masks))
+    if "conditioning" in samples[0]:
+        cond = torch.from_numpy(np.stack([s["conditioning"] for s in samples])).permute(0, 3, 1, 2)
+        batch["conditioning_images"] = to_float_images(cond) if float_images else cond.contiguous()
+    return batch
+
+
+def to_float_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any shape) to float32 in [-1, 1], as ``x / 127.5 - 1``.
+
+    Use it on batches from ``output="uint8"`` datasets, after the copy to the GPU: a quarter of the
+    bytes cross the worker queue and the host-to-device link.
+    """
+    return images.to(torch.float32).div_(127.5).sub_(1.0).contiguous()
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def load_dataset(
+    source: str | os.PathLike[str],
+    *,
+    validation: bool = False,
+    reg_data_dir: str | os.PathLike[str] | None = None,
+    image_dir: str | os.PathLike[str] | None = None,
+    resolution: int | Sequence[int] | None = None,
+    on_error: OnError = "warn",
+    seed: int = 0,
+    max_train_steps: int | None = None,
+    output: Output = "float",
+    fast_decode: bool = True,
+    threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    **overrides: Any,
+) -> StokerDataset:
+    """Load an sd-scripts dataset as it is.
+
+    Args:
+        source: a dataset config (``.toml``, or ``.json`` with ``datasets``), a ``train_data_dir``
+            of ``N_name`` folders, or fine-tuning metadata (``.json`` / ``.jsonl``).
+        validation: return the validation part of ``validation_split`` instead of the training part.
+        reg_data_dir: regularisation folders, for a ``train_data_dir`` source.
+        image_dir: the images of a metadata source.
+        resolution: training resolution, required unless the config sets it.
+        on_error: bad files: ``"warn"`` skips them and warns once with the count; ``"skip"`` skips
+            them silently; ``"raise"`` raises one ``DatasetError`` listing them all.
+            Everything skipped is listed in ``dataset.report.problems`` either way.
+        seed: the seed of every augmentation and of the validation split (unless the config sets
+            ``validation_seed``); ``make_loader(seed=...)`` replaces it.
+        max_train_steps: for token warm-up given as a fraction of training.
+        output: ``"float"`` images in [-1, 1], or ``"uint8"`` (0..255) for `to_float_images` later.
+        fast_decode: decode JPEGs at reduced scale when the target is at most half the size.
+        threads: parallel header reads; default: the CPU budget.
+        progress: ``progress(done, total)`` while scanning; default: a bar on stderr when it is a
+            terminal and the dataset is large.
+        **overrides: dataset and subset keys (sd-scripts' command-line options), below the config.
+
+    Raises:
+        ConfigError: the config is invalid (the message names file, table and key).
+        DatasetError: a folder is missing, nothing usable is left, or ``on_error="raise"`` found
+            bad files.
+    """
+    if on_error not in ("raise", "skip", "warn"):
+        raise ValueError(f"on_error={on_error!r} is not valid: use 'warn', 'skip' or 'raise'")
+    if output not in ("float", "uint8"):
+        raise ValueError(f"output={output!r} is not valid: use 'float' or 'uint8'")
+    group = _read_source(
+        Path(source),
+        reg_data_dir=reg_data_dir,
+        image_dir=image_dir,
+        resolution=resolution,
+        overrides=overrides,
+    )
+    if threads is None:
+        from stoker.budget import cpu_budget
+
+        threads = cpu_budget().cpus
+    catalog, problems = scan_dataset(
+        group.datasets, threads=threads, progress=progress or stderr_progress("stoker: scanning")
+    )
+    catalog = _split(catalog, group.datasets, validation=validation, seed=seed)
+    return _build(
+        catalog,
+        group,
+        problems,
+        on_error=on_error,
+        seed=seed,
+        max_train_steps=max_train_steps,
+        output=output,
+        fast_decode=fast_decode,
+        source=Path(source),
+    )
+
+
+def _read_source(
+    source: Path,
+    *,
+    reg_data_dir: Any,
+    image_dir: Any,
+    resolution: Any,
+    overrides: Mapping[str, Any],
+) -> DatasetGroupConfig:
+    extra = dict(overrides)
+    if resolution is not None:
+        extra["resolution"] = resolution
+    if source.is_dir():
+        if resolution is None:
+            raise DatasetError(f"{source} is a train_data_dir: give resolution= (e.g. 512)")
+        return config_from_train_data_dir(source, reg_data_dir=reg_data_dir, **extra)
+    if not source.exists():
+        raise DatasetError(
+            f"{source} does not exist; give a dataset config (.toml/.json), a train_data_dir "
+            "folder of N_name subfolders, or a fine-tuning metadata file (.json/.jsonl)"
+        )
+    if source.suffix.lower() == ".toml" or (
+        source.suffix.lower() == ".json" and _is_dataset_config(source)
+    ):
+        return parse_dataset_config(source, **extra)
+    if resolution is None:
+        raise DatasetError(f"{source} is fine-tuning metadata: give resolution= (e.g. 1024)")
+    return config_from_metadata(source, image_dir=image_dir, **extra)
+
+
+def _is_dataset_config(path: Path) -> bool:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # let the config parser report the problem with the file's name
+    return isinstance(data, dict) and ("datasets" in data or "general" in data)
+
+
+def _split(
+    catalog: Catalog, datasets: Sequence[DatasetConfig], *, validation: bool, seed: int
+) -> Catalog:
+    """Keep the training or the validation part of each subset (``validation_split``)."""
+    keep_parts = []
+    for s, owner in enumerate(catalog.dataset_of_subset):
+        members = np.flatnonzero(catalog.subset == s)
+        dataset = datasets[owner]
+        if dataset.validation_split <= 0:
+            keep_parts.append(np.empty(0, np.int64) if validation else members)
+            continue
+        split_seed = dataset.validation_seed if dataset.validation_seed is not None else seed
+        order = keyed_rng(split_seed, 0, s, Stream.SPLIT).permutation(len(members))
+        count = int(round(len(members) * dataset.validation_split))
+        chosen = np.sort(order[:count]) if validation else np.sort(order[count:])
+        keep_parts.append(members[chosen])
+    keep = np.concatenate(keep_parts) if keep_parts else np.empty(0, np.int64)
+    return catalog.select(np.sort(keep))
+
+
+def _build(
+    catalog: Catalog,
+    group: DatasetGroupConfig,
+    problems: list[Problem],
+    *,
+    on_error: OnError,
+    seed: int,
+    max_train_steps: int | None,
+    output: Output,
+    fast_decode: bool,
+    source: Path,
+) -> StokerDataset:
+    n = len(catalog)
+    bucket_wh = np.zeros((n, 2), np.int64)
+    resized_wh = np.zeros((n, 2), np.int64)
+    ok = np.zeros(n, bool)
+    reports = []
+    for d, dataset in enumerate(group.datasets):
+        members = np.flatnonzero(_dataset_of(catalog) == d)
+        spec = BucketSpec(
+            resolution=dataset.resolution,
+            enable_bucket=dataset.enable_bucket,
+            min_reso=dataset.min_bucket_reso,
+            max_reso=dataset.max_bucket_reso,
+            reso_steps=dataset.bucket_reso_steps,
+            no_upscale=dataset.bucket_no_upscale,
+        )
+        sizes = np.stack([catalog.widths[members], catalog.heights[members]], axis=1)
+        assignment = assign_buckets(sizes.reshape(-1, 2), spec)
+        bucket_wh[members], resized_wh[members] = assignment.bucket_wh, assignment.resized_wh
+        ok[members] = assignment.ok
+        for member, good, reason in zip(members, assignment.ok, assignment.reasons, strict=True):
+            if not good:
+                problems.append(
+                    Problem(path=catalog.paths[int(member)], reason=reason, stage="bucket")
+                )
+        reports.append(bucket_report(assignment))
+    _apply_policy(problems, on_error, source)
+    keep = np.flatnonzero(ok)
+    if len(keep) == 0:
+        raise DatasetError(f"{source}: no usable images" + _problem_summary(problems))
+    catalog = catalog.select(keep)
+    return _finish(
+        catalog,
+        group,
+        problems,
+        bucket_wh[keep],
+        resized_wh[keep],
+        reports,
+        seed=seed,
+        max_train_steps=max_train_steps,
+        output=output,
+        fast_decode=fast_decode,
+    )
+
+
+def _dataset_of(catalog: Catalog) -> np.ndarray:
+    owners = np.asarray(catalog.dataset_of_subset, dtype=np.int64)
+    return owners[catalog.subset] if len(owners) else np.zeros(0, np.int64)
+
+
+def _finish(
+    catalog: Catalog,
+    group: DatasetGroupConfig,
+    problems: list[Problem],
+    bucket_wh: np.ndarray,
+    resized_wh: np.ndarray,
+    reports: list[BucketReport],
+    *,
+    seed: int,
+    max_train_steps: int | None,
+    output: Output,
+    fast_decode: bool,
+) -> StokerDataset:
+    owner = _dataset_of(catalog)
+    # A batch group is one (dataset, bucket) pair: batches never mix datasets or buckets.
+    triples = np.stack([owner, bucket_wh[:, 0], bucket_wh[:, 1]], axis=1)
+    _, groups = np.unique(triples, axis=0, return_inverse=True)
+    groups = groups.reshape(-1).astype(np.int64)
+    group_owner = np.zeros(int(groups.max()) + 1, np.int64)
+    group_owner[groups] = owner
+    batch_sizes = np.array([group.datasets[o].batch_size for o in group_owner], np.int64)
+    repeats, notes = _repeats(catalog, owner)
+    notes += [f"skipped folder {name}: {why}" for name, why in group.skipped_dirs]
+    dataset = StokerDataset(
+        catalog=catalog,
+        datasets=group.datasets,
+        bucket_wh=bucket_wh,
+        resized_wh=resized_wh,
+        groups=groups,
+        repeats=repeats,
+        batch_sizes=batch_sizes,
+        report=DatasetReport(
+            images=0, samples_per_epoch=0, batches_per_epoch=0, subsets=(), problems=(), buckets=()
+        ),
+        seed=seed,
+        max_train_steps=max_train_steps,
+        output=output,
+        fast_decode=fast_decode,
+    )
+    batches = len(dataset.make_batch_sampler(seed=seed, shuffle=False))
+    dataset.report = DatasetReport(
+        images=len(catalog),
+        samples_per_epoch=int(repeats.sum()),
+        batches_per_epoch=batches,
+        subsets=_subset_summaries(catalog, repeats, problems),
+        problems=tuple(problems),
+        buckets=tuple(reports),
+        notes=tuple(notes),
+    )
+    return dataset
+
+
+def _repeats(catalog: Catalog, owner: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    per_subset = np.array([s.num_repeats for s in catalog.subsets], np.int64)
+    is_reg_subset = np.array([s.is_reg for s in catalog.subsets], bool)
+    repeats = per_subset[catalog.subset] if len(per_subset) else np.zeros(0, np.int64)
+    is_reg = is_reg_subset[catalog.subset] if len(per_subset) else np.zeros(0, bool)
+    notes = []
+    # sd-scripts balances regularisation images within each dataset.
+    for d in np.unique(owner):
+        members = np.flatnonzero(owner == d)
+        balanced, message = balance_reg_repeats(repeats[members], is_reg[members])
+        repeats[members] = balanced
+        if message:
+            notes.append(message)
+    return repeats, notes
+
+
+def _subset_summaries(
+    catalog: Catalog, repeats: np.ndarray, problems: list[Problem]
+) -> tuple[SubsetSummary, ...]:
+    missing = [p.path for p in problems if p.reason.startswith("no caption file")]
+    summaries = []
+    for s, subset in enumerate(catalog.subsets):
+        members = catalog.subset == s
+        folder = subset.image_dir or subset.metadata_file
+        prefix = str(folder) if folder is not None else ""
+        summaries.append(
+            SubsetSummary(
+                where=subset.where,
+                folder=prefix,
+                is_reg=subset.is_reg,
+                num_repeats=subset.num_repeats,
+                images=int(members.sum()),
+                samples_per_epoch=int(repeats[members].sum()),
+                missing_captions=sum(1 for m in missing if prefix and m.startswith(prefix)),
+            )
+        )
+    return tuple(summaries)
+
+
+def _problem_summary(problems: Sequence[Problem], limit: int = 5) -> str:
+    if not problems:
+        return ""
+    shown = "; ".join(f"{p.path}: {p.reason}" for p in problems[:limit])
+    more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
+    return f" ({len(problems)} problems: {shown}{more})"
+
+
+def _apply_policy(problems: Sequence[Problem], on_error: OnError, source: Path) -> None:
+    skipped = [p for p in problems if p.action == "skipped"]
+    if not problems:
+        return
+    if on_error == "raise":
+        listing = "\n".join(f"  {p.path}: {p.reason}" for p in problems)
+        raise DatasetError(
+            f"{source}: {len(problems)} input problems (on_error='raise'):\n{listing}\n"
+            "Fix or remove these files, or load with on_error='warn' to skip them."
+        )
+    if on_error == "warn":
+        warnings.warn(
+            f"stoker skipped {len(skipped)} files and worked around {len(problems) - len(skipped)} "
+            f"caption problems in {source}{_problem_summary(problems, 3)}; "
+            "the full list is in dataset.report.problems (or run: stoker scan)",
+            StokerWarning,
+            stacklevel=4,
+        )
