@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+
+# Test this checkout, whichever copy of stoker is installed: in-process and in the subprocesses
+# (taskset, torchrun, spawned workers) that the tests start.
+_SRC = str(Path(__file__).resolve().parents[1] / "src")
+sys.path.insert(0, _SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH", "")) if p)
+for _name in [m for m in sys.modules if m == "stoker" or m.startswith("stoker.")]:
+    if not (getattr(sys.modules[_name], "__file__", None) or "").startswith(_SRC):
+        del sys.modules[_name]
 
 settings.register_profile("stoker", derandomize=True, deadline=None, max_examples=60)
 settings.load_profile("stoker")

@@ -10,7 +10,15 @@ import logging
 from stoker.budget import Budget, Limit, cpu_budget
 from stoker.data.catalog import Problem
 from stoker.data.dataset import DatasetReport, StokerDataset, load_dataset, to_float_images
-from stoker.errors import CacheError, ConfigError, DatasetError, StokerError, StokerWarning
+from stoker.errors import (
+    CacheError,
+    ConfigError,
+    DatasetError,
+    SharedMemoryFull,
+    StokerError,
+    StokerWarning,
+    WorkerFailed,
+)
 from stoker.loader import StokerLoader, make_loader, plan_loader
 from stoker.plan import Adjustment, LoaderPlan, LoaderRequest
 
@@ -30,10 +38,12 @@ __all__ = [
     "LoaderPlan",
     "LoaderRequest",
     "Problem",
+    "SharedMemoryFull",
     "StokerDataset",
     "StokerError",
     "StokerLoader",
     "StokerWarning",
+    "WorkerFailed",
     "__version__",
     "cpu_budget",
     "load_dataset",

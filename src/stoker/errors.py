@@ -5,6 +5,8 @@
   - ``DatasetError``: the data itself cannot be loaded (missing folder, empty dataset, bad files under
     ``on_error="raise"``).
   - ``CacheError``: a scan, tuning or latent cache cannot be read or written.
+  - ``WorkerFailed`` (also a ``RuntimeError``): a loader worker died; names it and what it loaded.
+  - ``SharedMemoryFull`` (also a ``RuntimeError``): ``/dev/shm`` is too small for the batches.
 - ``StokerWarning``: every warning stoker issues, so users can filter them in one line.
 
 Every message says what went wrong, where (file, table, key, image path) and how to fix it.
@@ -27,6 +29,14 @@ class DatasetError(StokerError):
 
 class CacheError(StokerError):
     """A cache that cannot be read or written."""
+
+
+class WorkerFailed(StokerError, RuntimeError):
+    """A DataLoader worker process died (killed by a signal or exited) while loading batches."""
+
+
+class SharedMemoryFull(StokerError, RuntimeError):
+    """Batches could not be passed from workers because shared memory (/dev/shm) is full."""
 
 
 class StokerWarning(UserWarning):

@@ -8,11 +8,13 @@ tells each change once per process as a ``StokerWarning`` and on the ``stoker`` 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import re
 import secrets
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -21,7 +23,7 @@ import torch.multiprocessing
 from torch.utils.data import DataLoader
 
 from stoker.budget import Budget, cpu_budget
-from stoker.errors import StokerWarning
+from stoker.errors import SharedMemoryFull, StokerWarning, WorkerFailed
 from stoker.plan import Adjustment, LoaderPlan, LoaderRequest, make_plan
 
 __all__ = ["StokerLoader", "make_loader", "plan_loader"]
@@ -124,6 +126,19 @@ def plan_request(
     return plan
 
 
+def distributed_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` from torchrun/accelerate's ``RANK`` and ``WORLD_SIZE``; else (0, 1)."""
+    env = os.environ if environ is None else environ
+    try:
+        world_size = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+    except ValueError:
+        return 0, 1
+    if world_size < 1 or not 0 <= rank < world_size:
+        return 0, 1
+    return rank, world_size
+
+
 class WorkerInit:
     """Seeds ``random``, NumPy and torch in each worker from (seed, worker id); picklable for spawn.
 
@@ -147,21 +162,59 @@ class WorkerInit:
 
 
 class StokerLoader(DataLoader):  # type: ignore[type-arg]
-    """A ``torch.utils.data.DataLoader`` that knows the plan it was built from and its seed.
+    """A ``torch.utils.data.DataLoader`` that knows its plan and seed, resumes, and fails clearly.
 
-    Batches from stoker datasets carry a ``replaced`` list: files that failed to decode in a
-    worker and were replaced by another image of their bucket. The loader moves these into
-    ``dataset.decode_problems`` in the main process and warns once per file.
+    - ``loader.plan`` and ``loader.seed``: what it was built from.
+    - ``state_dict()`` / ``load_state_dict()``: the position in the epoch, counted in batches the
+      training loop received (not the ones prefetched ahead), so a resumed run yields exactly the
+      remaining batches. Needs a sampler with ``state_dict`` (stoker datasets have one).
+    - A worker that dies (OOM killer, SIGKILL) raises ``WorkerFailed`` naming the worker and the
+      images it was loading; a full ``/dev/shm`` raises ``SharedMemoryFull`` with the fix.
+    - Batches of stoker datasets carry ``replaced``: files that failed to decode in a worker and
+      were replaced by another image of their bucket; the loader records them in
+      ``dataset.decode_problems`` and warns once per file.
     """
 
     plan: LoaderPlan
     seed: int
 
     def __iter__(self) -> Iterator[Any]:
-        for batch in super().__iter__():
+        sampler = self.batch_sampler
+        consumed = getattr(sampler, "mark_consumed", None)
+        inner = super().__iter__()
+        while True:
+            try:
+                batch = next(inner)
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                raise _explain_failure(err, inner, self) from err
             if isinstance(batch, dict) and batch.get("replaced"):
                 self._record_replaced(batch["replaced"])
+            if consumed is not None:
+                consumed()
             yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this loader is in its epochs (JSON-able); see the class docstring."""
+        return dict(self._resumable().state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: the next iteration yields the rest of that epoch."""
+        self._resumable().load_state_dict(state)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration run ``epoch`` (epochs also advance on their own)."""
+        self._resumable().set_epoch(epoch)
+
+    def _resumable(self) -> Any:
+        sampler = self.batch_sampler
+        if not callable(getattr(sampler, "state_dict", None)):
+            raise TypeError(
+                "this loader's batch sampler cannot save its position; resume needs a stoker "
+                "dataset (stoker.load_dataset) or a batch_sampler with state_dict()"
+            )
+        return sampler
 
     def _record_replaced(self, replaced: list[tuple[str, str]]) -> None:
         from stoker.data.catalog import Problem
@@ -192,6 +245,9 @@ def make_loader(
     start_method: str | None = None,
     seed: int | None = None,
     budget: Budget | int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    even_batches: Literal["pad", "drop"] = "pad",
     **dataloader_kwargs: Any,
 ) -> StokerLoader:
     """Build a DataLoader for ``dataset`` from a plan that is valid on this machine.
@@ -200,6 +256,12 @@ def make_loader(
     and every worker's ``random``/NumPy/torch seeds; ``None`` draws one, kept as ``loader.seed``.
     DataLoader's own names ``num_workers``, ``persistent_workers`` and ``multiprocessing_context``
     are accepted as aliases; other keyword arguments go to DataLoader unchanged.
+
+    For stoker datasets (``load_dataset``) the dataset batches by bucket with the config's batch
+    sizes, and ``rank``/``world_size`` (default: ``RANK``/``WORLD_SIZE`` set by torchrun or
+    accelerate, else one process) shard whole batches across ranks: each rank gets the same
+    number of batches per epoch; ``even_batches`` says whether the remainder is padded with
+    batches from the start of the epoch (``"pad"``) or dropped (``"drop"``).
     """
     settings: dict[str, Any] = {
         "workers": workers,
@@ -231,8 +293,16 @@ def make_loader(
         # stoker datasets batch by bucket themselves; batch_size and shuffle go to their sampler.
         if getattr(dataset, "seed", seed) != seed:
             dataset = dataset.with_seed(seed)
+        env_rank, env_world = distributed_from_env()
         dataloader_kwargs.setdefault(
-            "batch_sampler", dataset.make_batch_sampler(seed=seed, shuffle=shuffle)
+            "batch_sampler",
+            dataset.make_batch_sampler(
+                seed=seed,
+                shuffle=shuffle,
+                rank=env_rank if rank is None else rank,
+                world_size=env_world if world_size is None else world_size,
+                even_batches=even_batches,
+            ),
         )
         dataloader_kwargs.setdefault("collate_fn", dataset.collate_fn)
         batch_size, shuffle = 1, False
@@ -248,3 +318,72 @@ def make_loader(
     loader.plan = plan
     loader.seed = seed
     return loader
+
+
+_DEAD_WORKER = re.compile(r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\)(.*)")
+_SHM_SIGNS = (
+    "No space left on device",
+    "/dev/shm",
+    "unable to write to file </torch_",
+    "shared memory",
+)
+
+
+def _explain_failure(err: RuntimeError, inner: Any, loader: StokerLoader) -> Exception:
+    """Turn PyTorch's worker-failure errors into ones that say which worker, what, and the fix."""
+    text = str(err)
+    if any(sign in text for sign in _SHM_SIGNS):
+        _shutdown(inner)
+        return SharedMemoryFull(
+            f"workers could not hand batches to the main process: shared memory is full ({text}). "
+            "Give the container more (docker run --shm-size=8g), or use fewer workers, a smaller "
+            "prefetch_factor, or output='uint8' (4x fewer bytes per batch)."
+        )
+    match = _DEAD_WORKER.search(text)
+    if match is None:
+        return err
+    pids = {int(p) for p in re.findall(r"\d+", match.group(1))}
+    workers = list(getattr(inner, "_workers", []))
+    ids = [i for i, w in enumerate(workers) if getattr(w, "pid", None) in pids]
+    loading = _what_workers_loaded(inner, loader, set(ids))
+    _shutdown(inner)
+    how = match.group(2).strip(" .") or "exited unexpectedly"
+    who = ", ".join(f"worker {i}" for i in ids) or "a worker"
+    return WorkerFailed(
+        f"DataLoader {who} (pid {', '.join(map(str, sorted(pids)))}) died: {how}. "
+        f"It was loading: {loading}. The usual cause is the out-of-memory killer (see dmesg): "
+        f"use fewer workers than {loader.num_workers}, a smaller prefetch_factor, or "
+        "output='uint8'. The run can resume from loader.state_dict() saved before the failure."
+    )
+
+
+def _what_workers_loaded(inner: Any, loader: StokerLoader, worker_ids: set[int]) -> str:
+    """The samples outstanding at the given workers, as image paths when the dataset has them."""
+    tasks = getattr(inner, "_task_info", {})
+    sampler = loader.batch_sampler
+    batch_of = getattr(sampler, "batch_of_iteration", None)
+    paths = getattr(getattr(loader.dataset, "catalog", None), "paths", None)
+    found: list[str] = []
+    for send_index, info in sorted(tasks.items()):
+        if len(info) != 1 or info[0] not in worker_ids:
+            continue  # already returned, or another worker's
+        batch = batch_of(send_index) if callable(batch_of) else None
+        if batch is None:
+            found.append(f"batch {send_index} of this epoch")
+        elif paths is not None:
+            found += [paths[int(key[2])] for key in batch]
+        else:
+            found.append(repr(list(batch)))
+    return ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "") or (
+        "nothing identifiable"
+    )
+
+
+def _shutdown(inner: Any) -> None:
+    """Stop the remaining workers now, so none is left behind as a zombie."""
+    stop = getattr(inner, "_shutdown_workers", None)
+    if callable(stop):
+        try:
+            stop()
+        except Exception:  # shutting down after a failure must not hide the failure
+            logger.debug("worker shutdown after a failure raised", exc_info=True)

@@ -249,6 +249,7 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         self._next_epoch = 0
         self._next_start = 0
         self._current: int | None = None
+        self._start = 0
         self._yielded = 0
         self._consumed = 0
         self._tracking = False
@@ -287,6 +288,7 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         epoch, start = self._next_epoch, self._next_start
         self._next_epoch, self._next_start = epoch + 1, 0
         self._current, self._yielded, self._consumed = epoch, start, start
+        self._start = start
         self._iteration += 1
         iteration = self._iteration
         plan = self._plan(epoch)
@@ -296,6 +298,17 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
             if iteration == self._iteration:
                 self._yielded = k + 1
             yield batch
+
+    def batch_of_iteration(self, index: int) -> SampleBatch | None:
+        """The ``index``-th batch drawn by the iteration in progress (``None`` when out of range).
+
+        Lets the loader say which samples a failed worker was loading.
+        """
+        if self._current is None:
+            return None
+        plan = self._plan(self._current)
+        k = self._start + index
+        return plan.batch(k) if 0 <= k < len(plan) else None
 
     def epoch_batches(self, epoch: int) -> list[SampleBatch]:
         """This rank's batches of ``epoch``, in order; does not touch the iteration state."""
