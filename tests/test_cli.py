@@ -59,3 +59,36 @@ def test_demo_writes_and_loads(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "Wrote a sample dataset of 8 images" in out
     assert "epoch 1:" in out and "Loaded" in out
+
+
+def test_scan_reports_counts_buckets_and_problems(tmp_path, capsys):
+    from stoker.data.synthetic import write_sample_dataset
+
+    sample = write_sample_dataset(tmp_path / "s", images=8)
+    (sample.train_data_dir / "10_sks dog" / "broken.jpg").write_bytes(b"")
+    assert main(["scan", str(sample.config)]) == 1
+    out = capsys.readouterr().out
+    assert "8 images" in out and "Buckets of dataset 1" in out
+    assert "broken.jpg: zero-byte file [skipped]" in out
+    assert main(["scan", str(sample.config), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 8 and len(report["problems"]) == 1
+    assert report["subsets"][0]["num_repeats"] == 10
+
+
+def test_scan_of_a_clean_dataset_exits_0(tmp_path, capsys):
+    from stoker.data.synthetic import write_sample_dataset
+
+    sample = write_sample_dataset(tmp_path / "s", images=4)
+    assert main(["scan", str(sample.train_data_dir), "--resolution", "256"]) == 0
+    assert "No problems found." in capsys.readouterr().out
+
+
+def test_scan_names_a_config_error(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        "[[datasets]]\nresolution = 512\nbatchsize = 2\n[[datasets.subsets]]\nimage_dir = '.'\n"
+    )
+    assert main(["scan", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("stoker: error: ") and "batchsize" in err and "batch_size" in err

@@ -286,3 +286,54 @@ def test_same_seed_same_batches_for_any_worker_count_and_start_method(tmp_path):
     # the two epochs differ
     half = len(reference) // 2
     assert [r[3] for r in reference[:half]] != [r[3] for r in reference[half:]]
+
+
+def test_fine_tuning_metadata_source(tmp_path):
+    rng = np.random.default_rng(0)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name, (w, h) in {"a": (512, 512), "b": (640, 384)}.items():
+        write_image(images / f"{name}.jpg", w, h, rng)
+    meta = tmp_path / "meta.json"
+    meta.write_text('{"a": {"caption": "a cat", "tags": "cute, fluffy"}, "b": {"tags": "dog"}}')
+    ds = load_dataset(meta, image_dir=images, resolution=512, enable_bucket=True)
+    by_key = {ds.catalog.paths[i].rsplit("/", 1)[1]: ds.catalog.captions[i] for i in range(2)}
+    assert by_key == {"a.jpg": "a cat, cute, fluffy", "b.jpg": "dog"}
+    assert ds[0]["captions"][0] in ("a cat, cute, fluffy", "dog")
+
+
+def test_conditioning_images_are_cropped_with_their_image(tmp_path):
+    rng = np.random.default_rng(0)
+    images, cond = tmp_path / "img", tmp_path / "cond"
+    images.mkdir()
+    cond.mkdir()
+    for i in range(3):
+        write_image(images / f"{i}.jpg", 640, 384, rng)
+        (images / f"{i}.caption").write_text("a photo")
+    for i in range(3):
+        # the conditioning image is the image itself: after the same crop they must agree
+        (cond / f"{i}.jpg").write_bytes((images / f"{i}.jpg").read_bytes())
+    config = tmp_path / "c.toml"
+    config.write_text(
+        "[general]\nenable_bucket = true\n[[datasets]]\nresolution = 512\n"
+        "batch_size = 3\n[[datasets.subsets]]\nimage_dir = 'img'\n"
+        "conditioning_data_dir = 'cond'\nflip_aug = true\ncaption_extension = "
+        "'.caption'\n"
+    )
+    ds = load_dataset(config)
+    batch = next(iter(make_loader(ds, seed=5, shuffle=True, workers=0, budget=1)))
+    assert batch["conditioning_images"].shape == batch["images"].shape
+    assert torch.equal(batch["conditioning_images"], batch["images"])
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+def test_four_workers_match_in_process_loading(tmp_path):
+    sample = write_sample_dataset(tmp_path / "s", images=8)
+    ds = load_dataset(sample.config)
+    reference = samples_with(ds, 0, epochs=1)
+    loader = make_loader(ds, seed=11, shuffle=True, workers=4, budget=4, persistent=False)
+    got = [(b["images"], b["captions"], b["flippeds"], b["image_keys"]) for b in loader]
+    assert len(got) == len(reference)
+    for (ia, ca, fa, ka), (ib, cb, fb, kb) in zip(reference, got, strict=True):
+        assert torch.equal(ia, ib) and ca == cb and fa == fb and ka == kb
