@@ -197,8 +197,12 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         epoch, position, image, step = key
         problems: list[tuple[str, str]] = []
-        candidates = self._replacements(image, epoch, position)
-        for index in [image, *candidates]:
+        try:
+            return self._sample(image, epoch, position, step), problems
+        except ImageProblem as err:
+            problems.append((self.catalog.paths[image], err.reason))
+        # Only a failure pays for finding the bucket's other images.
+        for index in self._replacements(image, epoch, position):
             try:
                 return self._sample(index, epoch, position, step), problems
             except ImageProblem as err:
