@@ -137,11 +137,10 @@ def cpu_budget(
             )
         )
     limits += _cgroup_limits(base)
-    limits += [
-        _env_limit(env, "SLURM_CPUS_PER_TASK", "slurm"),
-        _env_limit(env, "PYTHON_CPU_COUNT", "python"),
-    ]
-    limits = [lim for lim in limits if lim is not None]
+    for name, kind in (("SLURM_CPUS_PER_TASK", "slurm"), ("PYTHON_CPU_COUNT", "python")):
+        found = _env_limit(env, name, kind)
+        if found is not None:
+            limits.append(found)
     ranks, ranks_limit = _local_ranks(env)
     if ranks_limit is not None:
         limits.append(ranks_limit)

@@ -168,7 +168,7 @@ def scan_dataset(
     Raises:
         DatasetError: an image_dir, metadata file or conditioning folder does not exist.
     """
-    rows, problems = _Rows(), []
+    rows, problems = _Rows(), list[Problem]()
     subsets: list[SubsetConfig] = []
     owners: list[int] = []
     pending: list[tuple[int, Path]] = []  # (row, path) whose size must be read
