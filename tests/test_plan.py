@@ -1,24 +1,27 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from stoker import Budget, LoaderRequest, StokerWarning, plan_loader
+from stoker import Budget, LoaderRequest, MeasuredChoice, StokerWarning, plan_loader
 from stoker.plan import make_plan
 
 METHODS = ("fork", "spawn", "forkserver")
 
 
-def plan(request: LoaderRequest, cpus: int, *, cuda: bool = False, methods=METHODS):
+def plan(request: LoaderRequest, cpus: int, *, cuda: bool = False, methods=METHODS, measured=None):
     return make_plan(
         request,
         Budget.fixed(cpus),
         cuda_available=cuda,
         start_methods=methods,
         default_start_method=methods[0],
+        measured=measured,
     )
 
 
@@ -26,12 +29,22 @@ requests = st.builds(
     LoaderRequest,
     workers=st.one_of(st.none(), st.just("auto"), st.integers(0, 300)),
     persistent=st.one_of(st.none(), st.booleans()),
-    prefetch_factor=st.one_of(st.none(), st.integers(1, 8)),
+    prefetch_factor=st.one_of(st.none(), st.just("auto"), st.integers(1, 8)),
     pin_memory=st.one_of(st.none(), st.booleans()),
     timeout=st.one_of(st.just(0), st.floats(0, 60, allow_nan=False)),
     start_method=st.one_of(st.none(), st.sampled_from(METHODS)),
 )
 budgets = st.integers(1, 256)
+# What a probe may hand the planner: any count (even one above the budget, from a stale cache).
+measured_choices = st.one_of(
+    st.none(),
+    st.builds(
+        MeasuredChoice,
+        workers=st.integers(0, 300),
+        prefetch_factor=st.one_of(st.none(), st.integers(1, 8)),
+        reason=st.just("measured"),
+    ),
+)
 
 
 # Fake budgets above this machine's CPUs make torch warn about "excessive worker creation";
@@ -40,10 +53,10 @@ EXCESSIVE = "ignore:This DataLoader will create:UserWarning"
 
 
 @pytest.mark.filterwarnings(EXCESSIVE)
-@given(requests, budgets)
-def test_torch_accepts_every_plan(request, cpus):
+@given(requests, budgets, measured_choices)
+def test_torch_accepts_every_plan(request, cpus, measured):
     # torch is the judge: constructing validates every argument combination.
-    p = plan(request, cpus, cuda=torch.cuda.is_available())
+    p = plan(request, cpus, cuda=torch.cuda.is_available(), measured=measured)
     DataLoader(range(8), batch_size=3, **p.kwargs)
 
 
@@ -52,7 +65,11 @@ def test_torch_accepts_every_plan(request, cpus):
 @settings(max_examples=12)
 @given(requests, st.integers(1, 3))
 def test_plans_iterate_every_sample_exactly_once(request, cpus):
-    # Real worker processes (fork, spawn, forkserver) on budgets this machine can run.
+    # Real worker processes (fork, spawn, forkserver) on budgets this machine can run. A timeout
+    # of a fraction of a second legitimately expires while a spawned worker imports torch on a
+    # busy machine; that is the timeout working, not an invalid plan.
+    if 0 < request.timeout < 10:
+        request = dataclasses.replace(request, timeout=10.0)
     p = plan(request, cpus, cuda=torch.cuda.is_available())
     loader = DataLoader(range(10), batch_size=3, **p.kwargs)
     for _ in range(2):  # two epochs: persistent workers are reused
@@ -61,17 +78,17 @@ def test_plans_iterate_every_sample_exactly_once(request, cpus):
     del loader
 
 
-@given(requests, budgets)
-def test_replanning_a_plan_changes_nothing(request, cpus):
-    p = plan(request, cpus)
+@given(requests, budgets, measured_choices)
+def test_replanning_a_plan_changes_nothing(request, cpus, measured):
+    p = plan(request, cpus, measured=measured)
     again = plan(p.as_request(), cpus)
     assert again.kwargs == p.kwargs
     assert again.adjustments == ()
 
 
-@given(requests, budgets)
-def test_every_change_from_an_explicit_request_is_explained_once(request, cpus):
-    p = plan(request, cpus)
+@given(requests, budgets, measured_choices)
+def test_every_change_from_an_explicit_request_is_explained_once(request, cpus, measured):
+    p = plan(request, cpus, measured=measured)
     asked = {
         "workers": request.workers,
         "persistent": request.persistent,
@@ -99,9 +116,21 @@ def test_every_change_from_an_explicit_request_is_explained_once(request, cpus):
             assert adj.requested == value and adj.chosen == got[name] and adj.reason
 
 
-@given(requests, budgets)
-def test_workers_within_budget(request, cpus):
-    assert plan(request, cpus).num_workers <= cpus
+@given(requests, budgets, measured_choices)
+def test_workers_within_budget(request, cpus, measured):
+    assert plan(request, cpus, measured=measured).num_workers <= cpus
+
+
+@given(requests, budgets, measured_choices)
+def test_auto_is_always_explained_in_the_defaults(request, cpus, measured):
+    p = plan(request, cpus, measured=measured)
+    notes = {a.setting: a for a in p.defaults}
+    if request.workers == "auto":
+        assert notes["workers"].chosen == p.num_workers and notes["workers"].reason
+        if measured is None:
+            assert "nothing was measured" in notes["workers"].reason
+    if request.prefetch_factor == "auto":
+        assert notes["prefetch_factor"].chosen == p.prefetch_factor
 
 
 @given(requests, budgets, budgets)

@@ -9,15 +9,20 @@ EXPECTED = [
     "ConfigError",
     "DatasetError",
     "DatasetReport",
+    "InputMonitor",
     "Limit",
     "LoaderPlan",
     "LoaderRequest",
+    "LoaderStats",
+    "MeasuredChoice",
+    "Measurement",
     "Problem",
     "SharedMemoryFull",
     "StokerDataset",
     "StokerError",
     "StokerLoader",
     "StokerWarning",
+    "TuneResult",
     "WorkerFailed",
     "__version__",
     "cpu_budget",
@@ -25,6 +30,7 @@ EXPECTED = [
     "make_loader",
     "plan_loader",
     "to_float_images",
+    "tune_loader",
 ]
 
 

@@ -20,7 +20,9 @@ from stoker.errors import (
     WorkerFailed,
 )
 from stoker.loader import StokerLoader, make_loader, plan_loader
-from stoker.plan import Adjustment, LoaderPlan, LoaderRequest
+from stoker.monitor import InputMonitor, LoaderStats
+from stoker.plan import Adjustment, LoaderPlan, LoaderRequest, MeasuredChoice, Measurement
+from stoker.tune import TuneResult, tune_loader
 
 __version__ = "0.1.0"
 
@@ -34,15 +36,20 @@ __all__ = [
     "ConfigError",
     "DatasetError",
     "DatasetReport",
+    "InputMonitor",
     "Limit",
     "LoaderPlan",
     "LoaderRequest",
+    "LoaderStats",
+    "MeasuredChoice",
+    "Measurement",
     "Problem",
     "SharedMemoryFull",
     "StokerDataset",
     "StokerError",
     "StokerLoader",
     "StokerWarning",
+    "TuneResult",
     "WorkerFailed",
     "__version__",
     "cpu_budget",
@@ -50,4 +57,5 @@ __all__ = [
     "make_loader",
     "plan_loader",
     "to_float_images",
+    "tune_loader",
 ]

@@ -286,6 +286,152 @@ def _render_report(report: Any) -> list[str]:
     return lines
 
 
+# --- bench ---------------------------------------------------------------------------------------
+
+
+def _bench_workers(text: str, budget_cpus: int) -> list[int]:
+    if text == "auto":
+        return list(range(budget_cpus + 1))
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(c < 0 for c in counts):
+        raise ValueError(
+            f"--workers {text!r} is not valid: use worker counts such as 0,1,2 or 'auto' "
+            f"(0 to the CPU budget, {budget_cpus})"
+        )
+    return counts
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from stoker.bench import bench_loader, plot_bench, require_plotting
+    from stoker.data.catalog import stderr_progress
+
+    if args.plot:
+        require_plotting()  # fail before minutes of measuring, not after
+    budget = stoker.cpu_budget()
+    workers = _bench_workers(args.workers, budget.cpus)
+    if args.batches is not None and args.batches < 1:
+        raise ValueError(f"--batches {args.batches} is not valid: use a whole number >= 1")
+    # Enough batches that the prefetch warm-up (workers x 2 batches) is a small part of the run.
+    batches = args.batches or max(10, 6 * max(workers))
+    dataset = _load_from_args(args, on_error="skip", output=args.output)
+    report = bench_loader(
+        dataset,
+        workers=workers,
+        batches=batches,
+        start_methods=(args.start_method,),
+        repeats=args.repeats,
+        source=str(args.source),
+        budget_cpus=budget.cpus,
+        progress=stderr_progress("stoker: bench"),
+    )
+    if args.plot:
+        plot_bench(report, args.plot)
+    if args.json:
+        _print_json(report)
+        return 0
+    print("\n".join(_render_bench(report, args.plot)))
+    return 0
+
+
+def _render_bench(report: Any, plot: str | None) -> list[str]:
+    mib = 2**20
+    lines = [
+        f"{report.source}: CPU budget {report.budget_cpus}, "
+        f"{report.measurements[0].batches} batches per run, {report.repeats} run(s) each (median)",
+        "  workers  start   images/s  first batch s  workers PSS MiB  total PSS MiB",
+    ]
+    for m in report.measurements:
+        workers_pss = "-" if m.worker_pss_bytes is None else f"{m.worker_pss_bytes / mib:.0f}"
+        total_pss = "-" if m.total_pss_bytes is None else f"{m.total_pss_bytes / mib:.0f}"
+        lines.append(
+            f"  {m.workers:>7}  {m.start_method or '-':<6} {m.images_per_second:9.1f} "
+            f"{m.first_batch_seconds:14.2f} {workers_pss:>16} {total_pss:>14}"
+        )
+    best = report.best()
+    lines.append(f"Fastest: {best.workers} workers ({best.images_per_second:.1f} images/s).")
+    if plot:
+        lines.append(f"Plot: {plot}")
+    return lines
+
+
+# --- tune ----------------------------------------------------------------------------------------
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    dataset = _load_from_args(args)
+    result = stoker.tune_loader(
+        dataset,
+        request=stoker.LoaderRequest(workers="auto"),
+        consumer_rate=args.consumer_rate,
+        seed=dataset.seed,
+        cache=not args.no_cache,
+    )
+    if args.json:
+        _print_json(result)
+    else:
+        print("\n".join(_render_tune(result, args.source)))
+    return 1 if result.failure else 0
+
+
+def _render_tune(result: Any, source: str) -> list[str]:
+    budget, memory = result.plan.budget, result.memory
+    gib = "unknown" if memory.usable_bytes is None else f"{memory.usable_bytes / 2**30:.1f} GiB"
+    lines = [
+        f"Measured {source} on a CPU budget of {budget.cpus} ({budget.source}); "
+        f"memory for workers: {gib} ({memory.source})",
+        "   workers  prefetch  batches/s  samples/s  first batch  MiB/worker  note",
+    ]
+    chosen = (result.plan.num_workers, result.plan.prefetch_factor)
+    for m in result.measurements:
+        mark = "*" if (m.workers, m.prefetch_factor) == chosen else " "
+        mib = "-" if m.worker_memory_bytes is None else f"{m.worker_memory_bytes / 2**20:.0f}"
+        lines.append(
+            f" {mark} {m.workers:>7}  {m.prefetch_factor or '-':>8}  {m.batches_per_second:>9.1f}"
+            f"  {m.samples_per_second:>9.1f}  {m.first_batch_seconds:>9.2f} s  {mib:>10}  {m.note}"
+        )
+    lines.append(f"Choice: workers={result.plan.num_workers}: {result.choice.reason}")
+    if result.cached:
+        lines.append(f"Remembered choice ({result.seconds * 1000:.0f} ms): {result.cache_path}")
+    else:
+        where = f"; remembered in {result.cache_path}" if result.cache_path else ""
+        lines.append(
+            f"Probe: {result.probe_seconds:.1f} s (limit {result.time_limit_seconds:.1f} s){where}"
+        )
+    lines.append(
+        "Use it: stoker.make_loader(dataset, workers='auto'"
+        + (f", consumer_rate={result.consumer_rate:g}" if result.consumer_rate else "")
+        + ") reuses this choice"
+    )
+    return lines
+
+
+def _add_tune_parser(sub: Any) -> None:
+    tune = sub.add_parser(
+        "tune",
+        help="measure worker counts on your dataset and choose the fewest that keep up",
+        description="Measure candidate worker counts within the CPU budget on your dataset "
+        "(at most 10 s or 5%% of an epoch), choose the fewest within 5%% of the best, or the "
+        "fewest that keep up with --consumer-rate, and remember the choice for "
+        "make_loader(dataset, workers='auto'). Rules: docs/tuning.md.",
+    )
+    _add_source_options(tune)
+    tune.add_argument(
+        "--consumer-rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="batches/s your training step takes (choose the fewest workers that keep up)",
+    )
+    tune.add_argument(
+        "--no-cache", action="store_true", help="measure even if a choice is remembered"
+    )
+    tune.add_argument("--json", action="store_true", help="print the result as JSON")
+    tune.set_defaults(run=_run_tune)
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -330,7 +476,37 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", type=int, default=24, help="images to write")
     _add_plan_options(demo)
     demo.set_defaults(run=_run_demo)
+    _add_bench_parser(sub)
+    _add_tune_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub: Any) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="measure loader throughput and memory on your dataset",
+        description="Load your dataset with several worker counts and measure images/s (steady, "
+        "after the prefetch warm-up), time to first batch, and the memory (PSS) of the main "
+        "process and the workers. Figures for this machine: docs/performance.md.",
+    )
+    _add_source_options(bench)
+    bench.add_argument(
+        "--workers",
+        default="auto",
+        metavar="0,1,2|auto",
+        help="worker counts to measure (auto: 0 to the CPU budget)",
+    )
+    bench.add_argument(
+        "--batches", type=int, default=None, help="batches per run (default: 6 x most workers)"
+    )
+    bench.add_argument("--repeats", type=int, default=1, help="runs per setting (median kept)")
+    bench.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), default=None)
+    bench.add_argument(
+        "--output", choices=("float", "uint8"), default="float", help="images as float or uint8"
+    )
+    bench.add_argument("--plot", default=None, metavar="PNG", help="write a plot (matplotlib)")
+    bench.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    bench.set_defaults(run=_run_bench)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

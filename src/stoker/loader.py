@@ -2,7 +2,9 @@
 
 ``plan_loader`` reads what the platform offers (CUDA, start methods, the CPU budget), plans, and
 tells each change once per process as a ``StokerWarning`` and on the ``stoker`` logger.
-``make_loader`` builds the DataLoader from that plan, with deterministic worker seeds.
+``make_loader`` builds the DataLoader from that plan, with deterministic worker seeds; with
+``workers="auto"`` it first measures the dataset (``stoker.tune``), and the loader it returns
+times how long training waits for each batch (``stoker.monitor``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import random
 import re
 import secrets
 import sys
+import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -24,7 +28,22 @@ from torch.utils.data import DataLoader
 
 from stoker.budget import Budget, cpu_budget
 from stoker.errors import SharedMemoryFull, StokerWarning, WorkerFailed
-from stoker.plan import Adjustment, LoaderPlan, LoaderRequest, make_plan
+from stoker.monitor import (
+    InputMonitor,
+    LoaderStats,
+    batch_samples,
+    input_bound_advice,
+    input_bound_message,
+    warn_input_bound,
+)
+from stoker.plan import (
+    Adjustment,
+    LoaderPlan,
+    LoaderRequest,
+    MeasuredChoice,
+    make_plan,
+    max_useful_workers,
+)
 
 __all__ = ["StokerLoader", "make_loader", "plan_loader"]
 
@@ -77,17 +96,20 @@ def plan_loader(
     *,
     workers: int | Literal["auto"] | None = None,
     persistent: bool | None = None,
-    prefetch_factor: int | None = None,
+    prefetch_factor: int | Literal["auto"] | None = None,
     pin_memory: bool | None = None,
     timeout: float = 0,
     start_method: str | None = None,
     budget: Budget | int | None = None,
     warn: bool = True,
+    measured: MeasuredChoice | None = None,
 ) -> LoaderPlan:
     """Plan DataLoader settings that are always valid on this machine (rules: ``stoker.plan``).
 
     Args are ``LoaderRequest``'s fields; ``budget`` is a ``Budget``, a CPU count, or ``None`` to
     measure it with ``cpu_budget()``. With ``warn`` each change is told once per process.
+    ``measured`` is a probe's choice (``stoker.tune_loader(...).choice``) for the fields asked as
+    ``"auto"``; without one, ``"auto"`` means the default and ``plan.defaults`` says so.
 
     Raises:
         ValueError: a setting has no safe meaning (``workers="eight"``, ``prefetch_factor=-1``).
@@ -100,17 +122,27 @@ def plan_loader(
         timeout=timeout,
         start_method=start_method,
     )
-    return plan_request(request, budget=budget, warn=warn)
+    return plan_request(request, budget=budget, warn=warn, measured=measured)
+
+
+def resolve_budget(budget: Budget | int | None) -> Budget:
+    """A ``Budget`` from a ``Budget``, a CPU count, or ``None`` (measured by ``cpu_budget()``)."""
+    if budget is None:
+        return cpu_budget()
+    if not isinstance(budget, Budget):
+        return Budget.fixed(budget)
+    return budget
 
 
 def plan_request(
-    request: LoaderRequest, *, budget: Budget | int | None = None, warn: bool = True
+    request: LoaderRequest,
+    *,
+    budget: Budget | int | None = None,
+    warn: bool = True,
+    measured: MeasuredChoice | None = None,
 ) -> LoaderPlan:
     """``plan_loader`` for a ready ``LoaderRequest``."""
-    if budget is None:
-        budget = cpu_budget()
-    elif not isinstance(budget, Budget):
-        budget = Budget.fixed(budget)
+    budget = resolve_budget(budget)
     methods = torch.multiprocessing.get_all_start_methods()
     plan = make_plan(
         request,
@@ -118,6 +150,7 @@ def plan_request(
         cuda_available=_cuda_available(),
         start_methods=methods,
         default_start_method=methods[0] if methods else None,
+        measured=measured,
     )
     if warn:
         tell(plan.adjustments)
@@ -173,27 +206,81 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
     - Batches of stoker datasets carry ``replaced``: files that failed to decode in a worker and
       were replaced by another image of their bucket; the loader records them in
       ``dataset.decode_problems`` and warns once per file.
+    - ``stats()``: how long the training loop waited for data (``stoker.monitor``); when it waits
+      too much the loader warns once with what to try.
     """
 
     plan: LoaderPlan
     seed: int
+    monitor: InputMonitor | None = None
+    _live: Any = None
 
     def __iter__(self) -> Iterator[Any]:
         sampler = self.batch_sampler
         consumed = getattr(sampler, "mark_consumed", None)
+        monitor = self.monitor
         inner = super().__iter__()
+        # A weak reference: a loop that breaks early must not keep the workers alive.
+        self._live = weakref.ref(inner)
+        clock = monitor.clock if monitor is not None else time.perf_counter
+        if monitor is not None:
+            monitor.start_epoch()
+        index = 0
         while True:
+            asked = clock() if monitor is not None else 0.0
             try:
                 batch = next(inner)
             except StopIteration:
                 return
             except RuntimeError as err:
                 raise _explain_failure(err, inner, self) from err
+            if monitor is not None and monitor.record(asked, clock(), batch_samples(batch)):
+                self._warn_input_bound()
             if isinstance(batch, dict) and batch.get("replaced"):
-                self._record_replaced(batch["replaced"])
+                self._record_replaced(batch["replaced"], index)
             if consumed is not None:
                 consumed()
+            index += 1
             yield batch
+
+    def stats(self) -> LoaderStats:
+        """Wait time, wait fraction, throughput and decode errors so far (``LoaderStats``).
+
+        Raises:
+            ValueError: the loader was made with ``monitor=False``.
+        """
+        if self.monitor is None:
+            raise ValueError(
+                "this loader does not time its batches (made with monitor=False); "
+                "use make_loader(..., monitor=True), the default"
+            )
+        problems = getattr(self.dataset, "decode_problems", None)
+        return self.monitor.stats(
+            workers=self.num_workers,
+            decode_problems=tuple(problems) if isinstance(problems, list) else (),
+        )
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the workers of the iteration in progress (empty when none are running)."""
+        inner = self._live() if self._live is not None else None
+        workers = getattr(inner, "_workers", None) or []
+        return [int(w.pid) for w in workers if getattr(w, "pid", None) is not None]
+
+    def _warn_input_bound(self) -> None:
+        assert self.monitor is not None
+        stats = self.stats()
+        plan = getattr(self, "plan", None)
+        budget = plan.budget if plan is not None else cpu_budget()
+        advice = input_bound_advice(
+            workers=self.num_workers,
+            max_workers=max_useful_workers(budget),
+            budget=f"{budget.cpus} CPUs, {budget.source}",
+            measured=plan is not None and plan.request.workers == "auto",
+            output=getattr(self.dataset, "output", None),
+            fast_decode=getattr(self.dataset, "fast_decode", None),
+        )
+        # +1: the warning is issued one frame further down, in stoker.monitor.
+        warn_input_bound(input_bound_message(stats, self.monitor, advice), _user_stacklevel() + 1)
 
     def state_dict(self) -> dict[str, Any]:
         """Where this loader is in its epochs (JSON-able); see the class docstring."""
@@ -216,9 +303,12 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
             )
         return sampler
 
-    def _record_replaced(self, replaced: list[tuple[str, str]]) -> None:
+    def _record_replaced(self, replaced: list[tuple[str, str]], index: int = 0) -> None:
         from stoker.data.catalog import Problem
 
+        if self.monitor is not None:
+            # PyTorch hands batch indices to workers round robin, so batch k came from k % n.
+            self.monitor.record_errors(index % max(self.num_workers, 1), len(replaced))
         known = getattr(self.dataset, "decode_problems", None)
         for path, reason in replaced:
             problem = Problem(path=path, reason=reason, stage="decode", action="replaced")
@@ -239,7 +329,7 @@ def make_loader(
     shuffle: bool = False,
     workers: int | Literal["auto"] | None = None,
     persistent: bool | None = None,
-    prefetch_factor: int | None = None,
+    prefetch_factor: int | Literal["auto"] | None = None,
     pin_memory: bool | None = None,
     timeout: float = 0,
     start_method: str | None = None,
@@ -248,6 +338,8 @@ def make_loader(
     rank: int | None = None,
     world_size: int | None = None,
     even_batches: Literal["pad", "drop"] = "pad",
+    consumer_rate: float | None = None,
+    monitor: bool | InputMonitor = True,
     **dataloader_kwargs: Any,
 ) -> StokerLoader:
     """Build a DataLoader for ``dataset`` from a plan that is valid on this machine.
@@ -262,6 +354,16 @@ def make_loader(
     accelerate, else one process) shard whole batches across ranks: each rank gets the same
     number of batches per epoch; ``even_batches`` says whether the remainder is padded with
     batches from the start of the epoch (``"pad"``) or dropped (``"drop"``).
+
+    ``workers="auto"`` (or ``prefetch_factor="auto"``) measures candidate settings on this
+    dataset first and remembers the choice on disk (``stoker.tune_loader``; rules in
+    ``stoker.tune``); ``consumer_rate`` is the training step's speed in batches/s, when known, so
+    the fewest workers that keep up are chosen. A dataset that cannot be measured (one without
+    ``len``) gets the default, as ``plan_loader`` does.
+
+    ``monitor`` times how long the training loop waits for each batch (``loader.stats()``) and
+    warns once when it waits too much (``stoker.monitor``); ``False`` turns it off, and an
+    ``InputMonitor`` sets its window, threshold and clock.
     """
     settings: dict[str, Any] = {
         "workers": workers,
@@ -274,18 +376,34 @@ def make_loader(
             if settings[name] is not None:
                 raise ValueError(f"give either {name}= or {alias}=, not both")
             settings[name] = value
-    if seed is None:
-        seed = getattr(dataset, "seed", None)
-        seed = secrets.randbits(63) if seed is None else seed
-    plan = plan_loader(
+    request = LoaderRequest(
         workers=settings["workers"],
         persistent=settings["persistent"],
         prefetch_factor=prefetch_factor,
         pin_memory=pin_memory,
         timeout=timeout,
         start_method=settings["start_method"],
-        budget=budget,
     )
+    if seed is None:
+        seed = getattr(dataset, "seed", None)
+        seed = secrets.randbits(63) if seed is None else seed
+    measured = None
+    if "auto" in (request.workers, request.prefetch_factor) and hasattr(dataset, "__len__"):
+        # Deferred import: tune builds its probe loaders with make_loader (tune -> loader).
+        from stoker.tune import tune_loader
+
+        budget = resolve_budget(budget)
+        result = tune_loader(
+            dataset,
+            request=request,
+            batch_size=batch_size,
+            budget=budget,
+            consumer_rate=consumer_rate,
+            seed=seed,
+            loader_kwargs=dataloader_kwargs,
+        )
+        measured = result.choice
+    plan = plan_request(request, budget=budget, measured=measured)
     generator = torch.Generator()
     generator.manual_seed(seed)
     worker_init = WorkerInit(seed, dataloader_kwargs.pop("worker_init_fn", None))
@@ -317,6 +435,10 @@ def make_loader(
     )
     loader.plan = plan
     loader.seed = seed
+    if monitor is True:
+        loader.monitor = InputMonitor()
+    elif isinstance(monitor, InputMonitor):
+        loader.monitor = monitor
     return loader
 
 

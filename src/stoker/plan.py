@@ -3,14 +3,18 @@
 Pure: no I/O, no environment, no processes. Each rule is a small function that may change one
 setting and returns the ``Adjustment`` that says why. The rules, in order:
 
-1. **workers** — ``None`` or ``"auto"`` picks the default: 0 on a 1-CPU budget, else the budget minus
-   one (the training loop keeps a CPU), at most 8. A request above the budget is clamped to it. On a
+1. **workers** — ``None`` picks the default: 0 on a 1-CPU budget, else the budget minus one (the
+   training loop keeps a CPU), at most 8. ``"auto"`` takes the count a probe measured on the dataset
+   (a ``MeasuredChoice`` from ``stoker.tune``, passed in as data), clamped to the budget; with no
+   measurement (``plan_loader`` has no dataset) it means the default, and the plan's ``defaults``
+   say so. A request above the budget is clamped to it. On a
    1-CPU budget any worker count becomes 0: a worker on the only core adds IPC and competes with the
    training loop (sd-scripts' loader on one CPU: 0 workers 28 images/s, 1 worker 22.6, 2 workers
    20.7; stoker's own figures are in docs/performance.md).
 2. **persistent** — ``None`` means on when there are workers (no re-spawn gap at each epoch); on with
    0 workers is turned off (PyTorch raises on it).
-3. **prefetch_factor** — ``None`` means PyTorch's 2 with workers; any value with 0 workers is dropped.
+3. **prefetch_factor** — ``None`` means PyTorch's 2 with workers; ``"auto"`` takes the measured
+   value, else 2; any value with 0 workers is dropped.
 4. **timeout** — only worker processes can time out; with 0 workers it becomes 0.
 5. **start_method** — dropped with 0 workers; a method this platform lacks falls back to its default.
 6. **pin_memory** — ``None`` means "when CUDA is available"; ``True`` without CUDA is turned off.
@@ -24,7 +28,14 @@ from typing import Literal
 
 from stoker.budget import Budget
 
-__all__ = ["Adjustment", "LoaderPlan", "LoaderRequest", "DEFAULT_MAX_WORKERS"]
+__all__ = [
+    "Adjustment",
+    "DEFAULT_MAX_WORKERS",
+    "LoaderPlan",
+    "LoaderRequest",
+    "MeasuredChoice",
+    "Measurement",
+]
 
 DEFAULT_MAX_WORKERS = 8
 START_METHODS = ("fork", "spawn", "forkserver")
@@ -37,7 +48,7 @@ class LoaderRequest:
     Attributes:
         workers: worker processes: an int >= 0, ``"auto"`` or ``None``.
         persistent: keep workers alive between epochs (``persistent_workers``).
-        prefetch_factor: batches each worker loads ahead (int >= 1).
+        prefetch_factor: batches each worker loads ahead (int >= 1), ``"auto"`` or ``None``.
         pin_memory: copy batches to page-locked memory for faster host-to-GPU transfer.
         timeout: seconds to wait for a batch from a worker (0 = forever); a number >= 0.
         start_method: ``"fork"``, ``"spawn"`` or ``"forkserver"`` (``multiprocessing_context``).
@@ -45,7 +56,7 @@ class LoaderRequest:
 
     workers: int | Literal["auto"] | None = None
     persistent: bool | None = None
-    prefetch_factor: int | None = None
+    prefetch_factor: int | Literal["auto"] | None = None
     pin_memory: bool | None = None
     timeout: float = 0
     start_method: str | None = None
@@ -55,10 +66,14 @@ class LoaderRequest:
         _check_optional_bool("persistent", self.persistent)
         _check_optional_bool("pin_memory", self.pin_memory)
         pf = self.prefetch_factor
-        if pf is not None and (isinstance(pf, bool) or not isinstance(pf, int) or pf < 1):
+        if (
+            pf is not None
+            and pf != "auto"
+            and (isinstance(pf, bool) or not isinstance(pf, int) or pf < 1)
+        ):
             raise ValueError(
                 f"prefetch_factor={pf!r} is not valid: use a whole number >= 1 (batches each "
-                "worker loads ahead) or None for PyTorch's default of 2"
+                "worker loads ahead), 'auto' to measure, or None for PyTorch's default of 2"
             )
         t = self.timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0:
@@ -88,6 +103,51 @@ def _check_optional_bool(name: str, value: object) -> None:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Measurement:
+    """One candidate setting as the tuning probe measured it (``stoker.tune``).
+
+    Attributes:
+        workers: worker processes of the candidate (0: loading in the main process).
+        prefetch_factor: batches each worker loaded ahead (``None`` with 0 workers).
+        batches_per_second: the steady rate: batches after the first, over whole rounds of one
+            batch per worker, divided by the time from the first batch to the last; 0.0 when the
+            candidate was skipped.
+        samples_per_second: the same rate counted in samples.
+        batches: batches timed after the first.
+        first_batch_seconds: from ``iter(loader)`` to the first batch (worker start included).
+        worker_memory_bytes: the memory one worker adds (largest USS among the workers, plus the
+            batches it holds ahead); ``None`` with 0 workers or where ``/proc`` cannot tell.
+        note: why the candidate was stopped early or skipped; ``""`` when measured in full.
+    """
+
+    workers: int
+    prefetch_factor: int | None
+    batches_per_second: float
+    samples_per_second: float
+    batches: int
+    first_batch_seconds: float
+    worker_memory_bytes: int | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeasuredChoice:
+    """What a probe chose for ``workers="auto"`` (and ``prefetch_factor="auto"``), as data.
+
+    Attributes:
+        workers: the chosen worker count.
+        prefetch_factor: the chosen prefetch factor (``None``: the planner's default).
+        reason: one plain sentence: the rule that picked it and the figures behind it.
+        measurements: every candidate measured, in the order measured.
+    """
+
+    workers: int
+    prefetch_factor: int | None
+    reason: str
+    measurements: tuple[Measurement, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Adjustment:
     """One setting the planner chose differently from the request, and why.
 
@@ -96,12 +156,14 @@ class Adjustment:
         requested: the value asked for (``None`` = not given).
         chosen: the value planned.
         reason: one plain sentence a user can act on.
+        measurements: for a measured choice (``"auto"``), the candidates behind it.
     """
 
     setting: str
     requested: object
     chosen: object
     reason: str
+    measurements: tuple[Measurement, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.setting}: {self.requested!r} -> {self.chosen!r}: {self.reason}"
@@ -196,6 +258,7 @@ def make_plan(
     cuda_available: bool,
     start_methods: Sequence[str],
     default_start_method: str | None,
+    measured: MeasuredChoice | None = None,
 ) -> LoaderPlan:
     """Plan ``request`` on ``budget``. Pure; the caller supplies what the platform offers.
 
@@ -205,6 +268,7 @@ def make_plan(
         cuda_available: whether pinned memory can be used.
         start_methods: the multiprocessing start methods this platform has.
         default_start_method: the one PyTorch would use when none is given.
+        measured: a probe's choice; used only for fields requested as ``"auto"``.
     """
     draft = _Draft(
         workers=0,
@@ -215,9 +279,9 @@ def make_plan(
         start_method=request.start_method,
     )
     rules: tuple[Callable[[_Draft, LoaderRequest], None], ...] = (
-        lambda d, r: _rule_workers(d, r, budget),
+        lambda d, r: _rule_workers(d, r, budget, measured),
         _rule_persistent,
-        _rule_prefetch,
+        lambda d, r: _rule_prefetch(d, r, measured),
         _rule_timeout,
         lambda d, r: _rule_start_method(d, r, start_methods, default_start_method),
         lambda d, r: _rule_pin_memory(d, r, cuda_available),
@@ -244,22 +308,56 @@ def _changed(d: _Draft, setting: str, requested: object, chosen: object, reason:
     )
 
 
-def _chose(d: _Draft, setting: str, requested: object, chosen: object, reason: str) -> None:
+def _chose(
+    d: _Draft,
+    setting: str,
+    requested: object,
+    chosen: object,
+    reason: str,
+    measurements: tuple[Measurement, ...] = (),
+) -> None:
     d.defaults.append(
-        Adjustment(setting=setting, requested=requested, chosen=chosen, reason=reason)
+        Adjustment(
+            setting=setting,
+            requested=requested,
+            chosen=chosen,
+            reason=reason,
+            measurements=measurements,
+        )
     )
 
 
-def _rule_workers(d: _Draft, r: LoaderRequest, budget: Budget) -> None:
-    if r.workers is None or r.workers == "auto":
-        d.workers = default_workers(budget)
-        why = (
+def _default_workers_reason(budget: Budget) -> str:
+    if budget.cpus <= 1:
+        return (
             "the CPU budget is 1, and a worker on the only core is slower than loading "
             "in the main process"
-            if budget.cpus <= 1
-            else f"the CPU budget is {budget.cpus} ({budget.source}); one CPU is left to the "
-            f"training loop, at most {DEFAULT_MAX_WORKERS} workers"
         )
+    return (
+        f"the CPU budget is {budget.cpus} ({budget.source}); one CPU is left to the "
+        f"training loop, at most {DEFAULT_MAX_WORKERS} workers"
+    )
+
+
+def _rule_workers(
+    d: _Draft, r: LoaderRequest, budget: Budget, measured: MeasuredChoice | None
+) -> None:
+    if r.workers == "auto" and measured is not None:
+        top = max_useful_workers(budget)
+        d.workers = min(measured.workers, top)
+        why = measured.reason
+        if d.workers != measured.workers:
+            why += f"; clamped to {top}, the most this CPU budget runs ({budget.source})"
+        _chose(d, "workers", r.workers, d.workers, why, measured.measurements)
+        return
+    if r.workers is None or r.workers == "auto":
+        d.workers = default_workers(budget)
+        why = _default_workers_reason(budget)
+        if r.workers == "auto":
+            why = (
+                "nothing was measured (no dataset to probe: make_loader(dataset, "
+                "workers='auto') or stoker tune measure), so the default: " + why
+            )
         _chose(d, "workers", r.workers, d.workers, why)
         return
     top = max_useful_workers(budget)
@@ -301,10 +399,12 @@ def _rule_persistent(d: _Draft, r: LoaderRequest) -> None:
         d.persistent = r.persistent
 
 
-def _rule_prefetch(d: _Draft, r: LoaderRequest) -> None:
+def _rule_prefetch(d: _Draft, r: LoaderRequest, measured: MeasuredChoice | None) -> None:
     if d.workers == 0:
         d.prefetch_factor = None
-        if r.prefetch_factor is not None:
+        if r.prefetch_factor == "auto":
+            _chose(d, "prefetch_factor", "auto", None, "there are no workers to prefetch")
+        elif r.prefetch_factor is not None:
             _changed(
                 d,
                 "prefetch_factor",
@@ -312,9 +412,15 @@ def _rule_prefetch(d: _Draft, r: LoaderRequest) -> None:
                 None,
                 "prefetching is done by worker processes; dropped because workers is 0",
             )
-    elif r.prefetch_factor is None:
+    elif r.prefetch_factor == "auto" and measured is not None and measured.prefetch_factor:
+        d.prefetch_factor = measured.prefetch_factor
+        _chose(d, "prefetch_factor", "auto", d.prefetch_factor, measured.reason)
+    elif r.prefetch_factor is None or r.prefetch_factor == "auto":
         d.prefetch_factor = 2
-        _chose(d, "prefetch_factor", None, 2, "PyTorch's default: 2 batches ahead per worker")
+        why = "PyTorch's default: 2 batches ahead per worker"
+        if r.prefetch_factor == "auto":
+            why = "nothing was measured, so " + why
+        _chose(d, "prefetch_factor", r.prefetch_factor, 2, why)
     else:
         d.prefetch_factor = r.prefetch_factor
 
