@@ -159,6 +159,25 @@ def plan_request(
     return plan
 
 
+def _tell_batch_size_ignored(batch_size: int | None, dataset: Any) -> None:
+    """stoker datasets batch with their config's sizes; say so when the caller asked otherwise."""
+    sizes = sorted({int(b) for b in getattr(dataset, "batch_sizes", [])})
+    if batch_size in (None, 1) or sizes == [batch_size]:
+        return
+    tell(
+        [
+            Adjustment(
+                setting="batch_size",
+                requested=batch_size,
+                chosen=sizes[0] if len(sizes) == 1 else sizes,
+                reason="a stoker dataset batches by bucket with each dataset's batch_size from its "
+                "config; set batch_size there (load_dataset(..., batch_size=N) applies where the "
+                "config leaves it unset)",
+            )
+        ]
+    )
+
+
 def distributed_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
     """``(rank, world_size)`` from torchrun/accelerate's ``RANK`` and ``WORLD_SIZE``; else (0, 1)."""
     env = os.environ if environ is None else environ
@@ -423,6 +442,7 @@ def make_loader(
             ),
         )
         dataloader_kwargs.setdefault("collate_fn", dataset.collate_fn)
+        _tell_batch_size_ignored(batch_size, dataset)
         batch_size, shuffle = 1, False
     loader = StokerLoader(
         dataset,

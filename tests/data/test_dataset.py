@@ -352,3 +352,13 @@ def test_four_workers_match_in_process_loading(tmp_path):
     assert len(got) == len(reference)
     for (ia, ca, fa, ka), (ib, cb, fb, kb) in zip(reference, got, strict=True):
         assert torch.equal(ia, ib) and ca == cb and fa == fb and ka == kb
+
+
+def test_make_loader_says_when_batch_size_comes_from_the_config(sample):
+    ds = load_dataset(sample.config)  # batch_size = 2 in the sample config
+    with pytest.warns(StokerWarning, match=r"batch_size from 4 to 2: a stoker dataset batches"):
+        loader = make_loader(ds, batch_size=4, workers=0, budget=1, seed=0)
+    assert len(next(iter(loader))["captions"]) <= 2
+    # an override sits below the config, as sd-scripts' --train_batch_size does
+    again = load_dataset(sample.config, batch_size=4)
+    assert max(len(b["captions"]) for b in make_loader(again, workers=0, budget=1, seed=0)) == 2
