@@ -177,7 +177,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     budget = stoker.cpu_budget()
     plan = _plan_from_args(args, budget)
     print("\n".join(_render_budget(budget) + [""] + _render_plan(plan)))
-    print(f"\nLoading it with stoker.make_loader(workers={plan.num_workers}) ...")
+    print(f"\nLoading it with stoker.make_loader(workers={plan.request.workers!r}) ...")
     return _demo_load(sample.config, plan)
 
 
@@ -191,6 +191,9 @@ def _demo_load(config: Path, plan: stoker.LoaderPlan) -> int:
     loader = stoker.make_loader(
         dataset, shuffle=True, seed=0, budget=plan.budget, **_plan_settings(plan)
     )
+    chosen = next((a for a in loader.plan.defaults if a.setting == "workers"), None)
+    why = f": {chosen.reason}" if chosen is not None else ""
+    print(f"  workers = {loader.plan.num_workers}{why}")
     start = time.perf_counter()
     count = 0
     for epoch in range(2):
@@ -202,6 +205,15 @@ def _demo_load(config: Path, plan: stoker.LoaderPlan) -> int:
         )
     seconds = time.perf_counter() - start
     print(f"Loaded {count} samples in {seconds:.2f} s ({count / seconds:.1f} samples/s).")
+    stats = loader.stats()
+    print(
+        f"The loop waited {stats.wait_seconds:.2f} s for data ({stats.wait_fraction:.0%} of the "
+        "time; it does nothing else here, so this is the loader's own pace)."
+    )
+    print(
+        "Next: stoker scan, stoker tune and stoker bench on your own dataset "
+        f"(try: stoker scan {config})."
+    )
     return 0
 
 
