@@ -17,6 +17,12 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q
 
+# The benchmark suite (10 to 12 minutes on 2 CPUs; BENCH_ARGS=--quick for 1 to 2): figures in
+# docs/performance.md, results in benchmarks/out/results.json.
+bench: install
+	$(PIP) install --quiet -e ".[bench]"
+	$(PYTHON) benchmarks/run.py $(BENCH_ARGS)
+
 lint:
 	$(PYTHON) -m ruff check src tests benchmarks
 	$(PYTHON) -m ruff format --check src tests benchmarks
