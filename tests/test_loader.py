@@ -153,3 +153,40 @@ def test_no_warning_when_nothing_changes():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_loader(range(4), workers=0, budget=1, seed=0)
+
+
+SPAWN_BREAK = textwrap.dedent(
+    """
+    import sys
+    import stoker
+    from stoker.data.synthetic import write_sample_dataset
+
+    if __name__ == "__main__":
+        sample = write_sample_dataset(sys.argv[1], images=8)
+        dataset = stoker.load_dataset(sample.config)
+        for _ in range(2):
+            loader = stoker.make_loader(dataset, seed=0, workers=2, budget=2,
+                                        start_method="spawn", persistent=False)
+            for i, batch in enumerate(loader):
+                if i == 2:
+                    break  # leave mid-epoch while workers are still busy
+            del loader
+        print("finished")
+    """
+)
+
+
+@pytest.mark.slow
+def test_leaving_a_spawn_loader_mid_epoch_stops_workers_cleanly(tmp_path):
+    # torch 2.13 aborts spawned workers stopped mid-batch; the loader lets them go idle first.
+    script = tmp_path / "leave.py"
+    script.write_text(SPAWN_BREAK)
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "finished"
+    assert "terminate called" not in out.stderr and "Aborted" not in out.stderr, out.stderr

@@ -78,10 +78,10 @@ def test_plans_iterate_every_sample_exactly_once(request, cpus):
     del loader
 
 
-@given(requests, budgets, measured_choices)
-def test_replanning_a_plan_changes_nothing(request, cpus, measured):
-    p = plan(request, cpus, measured=measured)
-    again = plan(p.as_request(), cpus)
+@given(requests, budgets, measured_choices, st.booleans())
+def test_replanning_a_plan_changes_nothing(request, cpus, measured, cuda):
+    p = plan(request, cpus, measured=measured, cuda=cuda)
+    again = plan(p.as_request(), cpus, cuda=cuda)
     assert again.kwargs == p.kwargs
     assert again.adjustments == ()
 
@@ -116,9 +116,9 @@ def test_every_change_from_an_explicit_request_is_explained_once(request, cpus, 
             assert adj.requested == value and adj.chosen == got[name] and adj.reason
 
 
-@given(requests, budgets, measured_choices)
-def test_workers_within_budget(request, cpus, measured):
-    assert plan(request, cpus, measured=measured).num_workers <= cpus
+@given(requests, budgets, measured_choices, st.booleans())
+def test_workers_within_budget(request, cpus, measured, cuda):
+    assert plan(request, cpus, measured=measured, cuda=cuda).num_workers <= cpus
 
 
 @given(requests, budgets, measured_choices)
@@ -133,10 +133,21 @@ def test_auto_is_always_explained_in_the_defaults(request, cpus, measured):
         assert notes["prefetch_factor"].chosen == p.prefetch_factor
 
 
-@given(requests, budgets, budgets)
-def test_larger_budget_never_fewer_workers(request, a, b):
+@given(requests, budgets, budgets, st.booleans())
+def test_larger_budget_never_fewer_workers(request, a, b, cuda):
     small, large = sorted((a, b))
-    assert plan(request, small).num_workers <= plan(request, large).num_workers
+    assert (
+        plan(request, small, cuda=cuda).num_workers <= plan(request, large, cuda=cuda).num_workers
+    )
+
+
+def test_one_cpu_with_cuda_keeps_one_worker():
+    # The training loop waits on the GPU, so one worker overlaps loading with it.
+    assert plan(LoaderRequest(), 1, cuda=True).num_workers == 1
+    p = plan(LoaderRequest(workers=8, persistent=True), 1, cuda=True)
+    assert p.num_workers == 1 and p.persistent_workers is True
+    (adj,) = p.adjustments
+    assert adj.setting == "workers" and "waits on the GPU" in adj.reason
 
 
 @pytest.mark.parametrize(

@@ -239,28 +239,53 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
         consumed = getattr(sampler, "mark_consumed", None)
         monitor = self.monitor
         inner = super().__iter__()
+        _unwatch_worker_exits(inner)
         # A weak reference: a loop that breaks early must not keep the workers alive.
         self._live = weakref.ref(inner)
         clock = monitor.clock if monitor is not None else time.perf_counter
         if monitor is not None:
             monitor.start_epoch()
         index = 0
-        while True:
-            asked = clock() if monitor is not None else 0.0
-            try:
-                batch = next(inner)
-            except StopIteration:
-                return
-            except RuntimeError as err:
-                raise _explain_failure(err, inner, self) from err
-            if monitor is not None and monitor.record(asked, clock(), batch_samples(batch)):
-                self._warn_input_bound()
-            if isinstance(batch, dict) and batch.get("replaced"):
-                self._record_replaced(batch["replaced"], index)
-            if consumed is not None:
-                consumed()
-            index += 1
-            yield batch
+        try:
+            while True:
+                asked = clock() if monitor is not None else 0.0
+                try:
+                    batch = next(inner)
+                except StopIteration:
+                    return
+                except (RuntimeError, ConnectionError, EOFError) as err:
+                    raise _explain_failure(err, inner, self) from err
+                if monitor is not None and monitor.record(asked, clock(), batch_samples(batch)):
+                    self._warn_input_bound()
+                if isinstance(batch, dict) and batch.get("replaced"):
+                    self._record_replaced(batch["replaced"], index)
+                if consumed is not None:
+                    consumed()
+                index += 1
+                yield batch
+        except GeneratorExit:
+            self._stop_early(inner)
+            raise
+
+    def _stop_early(self, inner: Any) -> None:
+        """The loop left mid-epoch: stop non-forked workers only once they are idle.
+
+        With torch 2.13, spawned (and forkserver) workers that are stopped while still making a
+        batch abort ("terminate called without an active exception", then "DataLoader worker is
+        killed by signal: Aborted" from a later line of the user's program). Idle ones stop
+        cleanly, so the few batches already asked for are collected first (at most workers x
+        prefetch_factor) and nothing more is asked. Persistent workers stay for the next epoch.
+        """
+        if self.num_workers == 0 or self.persistent_workers or _start_method(self) == "fork":
+            return
+        if hasattr(inner, "_sampler_iter"):
+            inner._sampler_iter = iter(())  # a private DataLoader field: ask for nothing more
+        try:
+            for _ in inner:
+                pass
+        except RuntimeError:
+            logger.debug("a worker failed while the loader was stopping early", exc_info=True)
+        _shutdown(inner)
 
     def stats(self) -> LoaderStats:
         """Wait time, wait fraction, throughput and decode errors so far (``LoaderStats``).
@@ -471,8 +496,13 @@ _SHM_SIGNS = (
 )
 
 
-def _explain_failure(err: RuntimeError, inner: Any, loader: StokerLoader) -> Exception:
-    """Turn PyTorch's worker-failure errors into ones that say which worker, what, and the fix."""
+def _explain_failure(err: Exception, inner: Any, loader: StokerLoader) -> Exception:
+    """Turn PyTorch's worker-failure errors into ones that say which worker, what, and the fix.
+
+    A dead worker shows up as PyTorch's RuntimeError ("killed by signal", "exited unexpectedly")
+    or, when the batch it was handing over is cut off, as a ConnectionResetError or EOFError;
+    the workers' exit codes tell which one died either way.
+    """
     text = str(err)
     if any(sign in text for sign in _SHM_SIGNS):
         _shutdown(inner)
@@ -482,21 +512,46 @@ def _explain_failure(err: RuntimeError, inner: Any, loader: StokerLoader) -> Exc
             "prefetch_factor, or output='uint8' (4x fewer bytes per batch)."
         )
     match = _DEAD_WORKER.search(text)
-    if match is None:
-        return err
-    pids = {int(p) for p in re.findall(r"\d+", match.group(1))}
+    named = {int(p) for p in re.findall(r"\d+", match.group(1))} if match else set()
     workers = list(getattr(inner, "_workers", []))
-    ids = [i for i, w in enumerate(workers) if getattr(w, "pid", None) in pids]
-    loading = _what_workers_loaded(inner, loader, set(ids))
+    dead = {
+        i: w
+        for i, w in enumerate(workers)
+        if getattr(w, "pid", None) in named or getattr(w, "exitcode", None) not in (None, 0)
+    }
+    if not dead:
+        return err
+    loading = _what_workers_loaded(inner, loader, set(dead))
+    codes = {w.exitcode for w in dead.values()}
     _shutdown(inner)
-    how = match.group(2).strip(" .") or "exited unexpectedly"
-    who = ", ".join(f"worker {i}" for i in ids) or "a worker"
+    pids = ", ".join(str(w.pid) for w in dead.values())
+    who = ", ".join(f"worker {i}" for i in dead)
+    killed = [-c for c in codes if isinstance(c, int) and c < 0]
+    if killed or "signal" in text:
+        how = f"killed by signal {', '.join(_signal_name(n) for n in killed) or text}"
+        why = (
+            "The usual cause is the out-of-memory killer (see dmesg): use fewer workers than "
+            f"{loader.num_workers}, a smaller prefetch_factor, or output='uint8'."
+        )
+    else:
+        how = f"exited with code {', '.join(str(c) for c in codes)}"
+        why = (
+            "Its traceback is printed above. With the spawn or forkserver start method, the "
+            "script that builds the loader must run under `if __name__ == '__main__':`."
+        )
     return WorkerFailed(
-        f"DataLoader {who} (pid {', '.join(map(str, sorted(pids)))}) died: {how}. "
-        f"It was loading: {loading}. The usual cause is the out-of-memory killer (see dmesg): "
-        f"use fewer workers than {loader.num_workers}, a smaller prefetch_factor, or "
-        "output='uint8'. The run can resume from loader.state_dict() saved before the failure."
+        f"DataLoader {who} (pid {pids}) died, {how}. It was loading: {loading}. {why} "
+        "The run can resume from loader.state_dict() saved before the failure."
     )
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
 
 
 def _what_workers_loaded(inner: Any, loader: StokerLoader, worker_ids: set[int]) -> str:
@@ -516,13 +571,41 @@ def _what_workers_loaded(inner: Any, loader: StokerLoader, worker_ids: set[int])
             found += [paths[int(key[2])] for key in batch]
         else:
             found.append(repr(list(batch)))
+    found = list(dict.fromkeys(found))  # repeats put one image in several slots
     return ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "") or (
         "nothing identifiable"
     )
 
 
+def _start_method(loader: DataLoader) -> str:  # type: ignore[type-arg]
+    context = loader.multiprocessing_context
+    if context is not None:
+        return str(context.get_start_method())
+    return (
+        torch.multiprocessing.get_start_method(allow_none=True)
+        or (torch.multiprocessing.get_all_start_methods()[0])
+    )
+
+
+def _unwatch_worker_exits(inner: Any) -> None:
+    """Take the workers off PyTorch's SIGCHLD watch list.
+
+    PyTorch raises a dead worker's RuntimeError from its SIGCHLD handler, in whatever line the
+    main thread runs at that moment: usually the user's training step, where nothing can say which
+    worker died or what it held. Unwatched, a dead worker is found where it matters: the next
+    batch request sees the worker is gone (PyTorch checks whenever it has waited 5 s, or the
+    loader's timeout) and the loader raises ``WorkerFailed`` there.
+    """
+    if getattr(inner, "_worker_pids_set", False):
+        from torch.utils.data._utils import signal_handling
+
+        signal_handling._remove_worker_pids(id(inner))
+        inner._worker_pids_set = False
+
+
 def _shutdown(inner: Any) -> None:
     """Stop the remaining workers now, so none is left behind as a zombie."""
+    _unwatch_worker_exits(inner)
     stop = getattr(inner, "_shutdown_workers", None)
     if callable(stop):
         try:

@@ -3,14 +3,17 @@
 Pure: no I/O, no environment, no processes. Each rule is a small function that may change one
 setting and returns the ``Adjustment`` that says why. The rules, in order:
 
-1. **workers** — ``None`` picks the default: 0 on a 1-CPU budget, else the budget minus one (the
+1. **workers** — ``None`` picks the default: 0 on a 1-CPU budget (1 with CUDA), else the budget minus one (the
    training loop keeps a CPU), at most 8. ``"auto"`` takes the count a probe measured on the dataset
    (a ``MeasuredChoice`` from ``stoker.tune``, passed in as data), clamped to the budget; with no
    measurement (``plan_loader`` has no dataset) it means the default, and the plan's ``defaults``
-   say so. A request above the budget is clamped to it. On a
-   1-CPU budget any worker count becomes 0: a worker on the only core adds IPC and competes with the
-   training loop (sd-scripts' loader on one CPU: 0 workers 28 images/s, 1 worker 22.6, 2 workers
-   20.7; stoker's own figures are in docs/performance.md).
+   say so. A request above the budget is clamped to it. On a 1-CPU budget **without CUDA** any
+   worker count becomes 0: a worker on the only core adds IPC and competes with a training loop
+   that computes on the same CPU (sd-scripts' loader on one CPU: 0 workers 28 images/s, 1 worker
+   22.6, 2 workers 20.7; stoker under ``taskset -c 0``: 19.8, 15.8 and 14.8). **With CUDA** the
+   1-CPU budget allows (and defaults to) 1 worker: the training loop mostly waits on the GPU, and a
+   worker fills that wait (measured with a 185 ms wait per batch: 1 worker 15.9 images/s against
+   9.6 in-process; docs/performance.md, section 6).
 2. **persistent** — ``None`` means on when there are workers (no re-spawn gap at each epoch); on with
    0 workers is turned off (PyTorch raises on it).
 3. **prefetch_factor** — ``None`` means PyTorch's 2 with workers; ``"auto"`` takes the measured
@@ -239,16 +242,20 @@ class _Draft:
     defaults: list[Adjustment] = field(default_factory=list)
 
 
-def default_workers(budget: Budget) -> int:
-    """The worker count used for ``workers=None``: 0 on 1 CPU, else cpus - 1, at most 8."""
+def default_workers(budget: Budget, *, accelerator: bool = False) -> int:
+    """The worker count for ``workers=None``: on 1 CPU 0 (1 with an accelerator), else cpus - 1,
+    at most 8."""
     if budget.cpus <= 1:
-        return 0
+        return 1 if accelerator else 0
     return min(budget.cpus - 1, DEFAULT_MAX_WORKERS)
 
 
-def max_useful_workers(budget: Budget) -> int:
-    """The most workers worth running on this budget (0 on 1 CPU: see the module docstring)."""
-    return 0 if budget.cpus <= 1 else budget.cpus
+def max_useful_workers(budget: Budget, *, accelerator: bool = False) -> int:
+    """The most workers worth running on this budget: the CPUs, except 0 on 1 CPU without an
+    accelerator (see the module docstring)."""
+    if budget.cpus <= 1:
+        return 1 if accelerator else 0
+    return budget.cpus
 
 
 def make_plan(
@@ -279,7 +286,7 @@ def make_plan(
         start_method=request.start_method,
     )
     rules: tuple[Callable[[_Draft, LoaderRequest], None], ...] = (
-        lambda d, r: _rule_workers(d, r, budget, measured),
+        lambda d, r: _rule_workers(d, r, budget, measured, cuda_available),
         _rule_persistent,
         lambda d, r: _rule_prefetch(d, r, measured),
         _rule_timeout,
@@ -327,7 +334,12 @@ def _chose(
     )
 
 
-def _default_workers_reason(budget: Budget) -> str:
+def _default_workers_reason(budget: Budget, cuda: bool) -> str:
+    if budget.cpus <= 1 and cuda:
+        return (
+            "the CPU budget is 1 and CUDA is available: the training loop mostly waits on the "
+            "GPU, and one worker loads the next batch meanwhile"
+        )
     if budget.cpus <= 1:
         return (
             "the CPU budget is 1, and a worker on the only core is slower than loading "
@@ -340,10 +352,10 @@ def _default_workers_reason(budget: Budget) -> str:
 
 
 def _rule_workers(
-    d: _Draft, r: LoaderRequest, budget: Budget, measured: MeasuredChoice | None
+    d: _Draft, r: LoaderRequest, budget: Budget, measured: MeasuredChoice | None, cuda: bool
 ) -> None:
     if r.workers == "auto" and measured is not None:
-        top = max_useful_workers(budget)
+        top = max_useful_workers(budget, accelerator=cuda)
         d.workers = min(measured.workers, top)
         why = measured.reason
         if d.workers != measured.workers:
@@ -351,8 +363,8 @@ def _rule_workers(
         _chose(d, "workers", r.workers, d.workers, why, measured.measurements)
         return
     if r.workers is None or r.workers == "auto":
-        d.workers = default_workers(budget)
-        why = _default_workers_reason(budget)
+        d.workers = default_workers(budget, accelerator=cuda)
+        why = _default_workers_reason(budget, cuda)
         if r.workers == "auto":
             why = (
                 "nothing was measured (no dataset to probe: make_loader(dataset, "
@@ -360,7 +372,7 @@ def _rule_workers(
             )
         _chose(d, "workers", r.workers, d.workers, why)
         return
-    top = max_useful_workers(budget)
+    top = max_useful_workers(budget, accelerator=cuda)
     d.workers = min(r.workers, top)
     if d.workers == r.workers:
         return
@@ -368,6 +380,11 @@ def _rule_workers(
         why = (
             "the CPU budget is 1 CPU and a worker would share the only core with the training "
             f"loop, which is slower; loading in the main process ({budget.source})"
+        )
+    elif budget.cpus <= 1:
+        why = (
+            "the CPU budget is 1 CPU: one worker loads while the training loop waits on the GPU, "
+            f"more would compete for the only core ({budget.source})"
         )
     else:
         why = (

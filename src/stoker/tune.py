@@ -847,8 +847,17 @@ def _check_consumer_rate(rate: object) -> None:
         )
 
 
+def _cuda_available() -> bool:
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken driver install must not stop tuning
+        return False
+
+
 def _nothing_to_measure(request: LoaderRequest, budget: Budget) -> bool:
-    if max_useful_workers(budget) == 0:
+    # One CPU: the planner's rule (0 workers, or 1 with CUDA) beats any probe, whose consumer
+    # cannot show the GPU wait that makes the one worker worth it.
+    if budget.cpus <= 1:
         return True
     return request.workers != "auto" and request.workers in (0, None)
 
@@ -997,9 +1006,9 @@ class _Context:
         why = (
             "this dataset cannot be measured (no len(), no batches, or batch_size=None)"
             if no_batches
-            else "the CPU budget is 1: loading in the main process, nothing to measure"
+            else "the CPU budget is 1: nothing to measure, the planner's 1-CPU rule applies"
         )
-        workers = default_workers(self.budget)
+        workers = default_workers(self.budget, accelerator=_cuda_available())
         choice = MeasuredChoice(workers=workers, prefetch_factor=None, reason=f"{why}; default")
         return self.result(choice, {}, cached=False, path=None)
 
