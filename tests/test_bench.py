@@ -22,7 +22,6 @@ from stoker.bench import (
     measure_epoch_gap,
     measure_loader,
     measure_worker_growth,
-    parse_smaps_rollup,
     plot_bench,
     read_memory,
     require_plotting,
@@ -31,6 +30,7 @@ from stoker.bench import (
 )
 from stoker.cli import main
 from stoker.errors import StokerError
+from stoker.tune import parse_proc_fields
 
 SMAPS = """\
 55a4c0e2a000-7ffd1c3f2000 ---p 00000000 00:00 0                          [rollup]
@@ -71,7 +71,7 @@ def no_proc(tmp_path) -> Path:
 
 
 def test_parse_smaps_rollup_reads_kb_fields_as_bytes():
-    fields = parse_smaps_rollup(SMAPS)
+    fields = parse_proc_fields(SMAPS)
     assert fields["Rss"] == 120000 * 1024 and fields["Pss"] == 80000 * 1024
     assert "55a4c0e2a000-7ffd1c3f2000 ---p 00000000 00" not in fields
 

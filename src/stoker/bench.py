@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from stoker.errors import StokerError
+from stoker.tune import parse_proc_fields
 
 __all__ = [
     "BenchReport",
@@ -46,7 +47,6 @@ __all__ = [
     "measure_epoch_gap",
     "measure_loader",
     "measure_worker_growth",
-    "parse_smaps_rollup",
     "plot_bench",
     "read_memory",
     "require_plotting",
@@ -78,17 +78,6 @@ class MemoryUse:
     uss_bytes: int
 
 
-def parse_smaps_rollup(text: str) -> dict[str, int]:
-    """The ``Name: N kB`` lines of ``smaps_rollup`` as ``{name: bytes}``; other lines are ignored."""
-    fields: dict[str, int] = {}
-    for line in text.splitlines():
-        name, sep, rest = line.partition(":")
-        parts = rest.split()
-        if sep and len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
-            fields[name.strip()] = int(parts[0]) * 1024
-    return fields
-
-
 def read_memory(pid: int | str = "self", *, proc_root: Path = _PROC) -> MemoryUse | None:
     """``MemoryUse`` of ``pid`` (``"self"`` for this process), or ``None`` when it cannot be read.
 
@@ -99,7 +88,7 @@ def read_memory(pid: int | str = "self", *, proc_root: Path = _PROC) -> MemoryUs
         text = (proc_root / str(pid) / "smaps_rollup").read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError):
         return None
-    fields = parse_smaps_rollup(text)
+    fields = parse_proc_fields(text)
     if "Rss" not in fields or "Pss" not in fields:
         return None
     real_pid = os.getpid() if pid == "self" else int(pid)

@@ -289,13 +289,16 @@ def _summary(measurements: Sequence[Measurement]) -> str:
 # --- memory --------------------------------------------------------------------------------------
 
 
-def parse_meminfo(text: str) -> dict[str, int]:
-    """``/proc/meminfo`` as ``{name: bytes}`` (lines of the form ``Name: N kB``)."""
+def parse_proc_fields(text: str) -> dict[str, int]:
+    """``/proc/meminfo`` or ``/proc/<pid>/smaps_rollup`` as ``{name: bytes}`` (``Name: N kB``
+    lines; a number without a unit is kept as it is; other lines, such as smaps_rollup's address
+    header, are skipped)."""
     fields: dict[str, int] = {}
     for line in text.splitlines():
         name, sep, rest = line.partition(":")
         parts = rest.split()
-        if sep and parts and parts[0].isdigit():
+        # Field names are one token; the header "55a...-7ff... ---p 00000000 00:00 0" is not.
+        if sep and parts and parts[0].isdigit() and name and not any(c.isspace() for c in name):
             unit = 1024 if len(parts) > 1 and parts[1] == "kB" else 1
             fields[name.strip()] = int(parts[0]) * unit
     return fields
@@ -305,7 +308,7 @@ def memory_budget(*, root: str | os.PathLike[str] = "/") -> MemoryBudget:
     """The memory available to workers now (see the module docstring); ``root`` holds ``proc``."""
     base = Path(root)
     found: list[tuple[int, str]] = []
-    meminfo = parse_meminfo(_read_text(base / "proc/meminfo") or "")
+    meminfo = parse_proc_fields(_read_text(base / "proc/meminfo") or "")
     if "MemAvailable" in meminfo:
         found.append((meminfo["MemAvailable"], "/proc/meminfo MemAvailable"))
     found += _cgroup_memory_left(base)
@@ -370,7 +373,7 @@ def _worker_uss_bytes(pids: Sequence[int], root: Path) -> int | None:
     """The largest USS (``Private_Clean + Private_Dirty``) among ``pids``; ``None`` if unreadable."""
     sizes = []
     for pid in pids:
-        fields = parse_meminfo(_read_text(root / "proc" / str(pid) / "smaps_rollup") or "")
+        fields = parse_proc_fields(_read_text(root / "proc" / str(pid) / "smaps_rollup") or "")
         if "Private_Clean" in fields or "Private_Dirty" in fields:
             sizes.append(fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0))
     return max(sizes) if sizes else None
