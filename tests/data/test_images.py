@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -241,14 +243,36 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
     assert reason_of(excinfo) == "unreadable: is a directory"
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads anything")
+_READ_AS_NOBODY = """
+import os, sys
+from stoker.data.images import ImageProblem, read_image_size
+os.setgid(65534)
+os.setuid(65534)  # root reads anything: drop to nobody so the permission bits count
+try:
+    read_image_size(sys.argv[1])
+except ImageProblem as err:
+    print(err.reason)
+"""
+
+
 def test_permission_denied(tmp_path: Path) -> None:
     path = save(tmp_path, "locked.png", Image.new("RGB", (4, 4)))
     path.chmod(0)
+    tmp_path.chmod(0o755)
     try:
-        with pytest.raises(ImageProblem) as excinfo:
-            read_image_size(path)
-        assert reason_of(excinfo) == "unreadable: permission denied"
+        if os.geteuid() == 0:
+            out = subprocess.run(
+                [sys.executable, "-c", _READ_AS_NOBODY, str(path)],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=60,
+            )
+            assert out.stdout.strip() == "unreadable: permission denied"
+        else:
+            with pytest.raises(ImageProblem) as excinfo:
+                read_image_size(path)
+            assert reason_of(excinfo) == "unreadable: permission denied"
     finally:
         path.chmod(0o644)
 
