@@ -362,3 +362,61 @@ def test_make_loader_says_when_batch_size_comes_from_the_config(sample):
     # an override sits below the config, as sd-scripts' --train_batch_size does
     again = load_dataset(sample.config, batch_size=4)
     assert max(len(b["captions"]) for b in make_loader(again, workers=0, budget=1, seed=0)) == 2
+
+
+def test_a_file_name_that_is_not_utf8_still_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "train" / "2_cat"
+    folder.mkdir(parents=True)
+    write_image(folder / "ok.jpg", 256, 256, rng)
+    odd = bytes(folder) + b"/bad\xff name.jpg"  # a Latin-1 name from an old archive
+    write_image(folder / "tmp.jpg", 256, 256, rng)
+    import os
+
+    os.rename(bytes(folder / "tmp.jpg"), odd)
+    ds = load_dataset(tmp_path / "train", resolution=256)
+    assert len(ds) == 2
+    keys = {k for i in range(2) for k in ds[i]["image_keys"]}
+    assert any("bad" in k for k in keys)
+
+
+def test_validation_split_keeps_regularisation_images_in_training(sample):
+    train = load_dataset(
+        sample.train_data_dir,
+        reg_data_dir=sample.root / "reg",
+        resolution=256,
+        validation_split=0.5,
+    )
+    val = load_dataset(
+        sample.train_data_dir,
+        reg_data_dir=sample.root / "reg",
+        resolution=256,
+        validation_split=0.5,
+        validation=True,
+    )
+    reg_train = [s.images for s in train.report.subsets if s.is_reg]
+    reg_val = [s.images for s in val.report.subsets if s.is_reg]
+    assert reg_train == [4] and reg_val == [0]
+    assert [s.images for s in val.report.subsets if not s.is_reg] == [6]
+
+
+def test_nothing_to_train_on_is_an_error(sample):
+    config = sample.root / "only_reg.toml"
+    config.write_text(
+        "[[datasets]]\nresolution = 256\n[[datasets.subsets]]\n"
+        "image_dir = 'reg/1_dog'\nis_reg = true\nclass_tokens = 'dog'\n"
+    )
+    with pytest.raises(DatasetError, match="only regularisation subsets"):
+        load_dataset(config)
+    zero = sample.root / "zero.toml"
+    zero.write_text(
+        "[[datasets]]\nresolution = 256\n[[datasets.subsets]]\n"
+        "image_dir = 'train/10_sks dog'\nnum_repeats = 0\nclass_tokens = 'dog'\n"
+    )
+    with pytest.raises(DatasetError, match="every subset has num_repeats = 0"):
+        load_dataset(zero)
+
+
+def test_validation_without_a_split_is_a_clear_error(sample):
+    with pytest.raises(DatasetError, match="no dataset sets validation_split"):
+        load_dataset(sample.config, validation=True)

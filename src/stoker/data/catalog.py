@@ -71,7 +71,9 @@ class StringTable:
 
     @classmethod
     def from_strings(cls, strings: Iterable[str]) -> StringTable:
-        encoded = [s.encode("utf-8") for s in strings]
+        # surrogateescape: a file name that is not UTF-8 (Linux hands it over with surrogates)
+        # round-trips to the same bytes, so it still opens the same file.
+        encoded = [s.encode("utf-8", "surrogateescape") for s in strings]
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in encoded], out=offsets[1:])
         return cls(b"".join(encoded), offsets)
@@ -81,7 +83,7 @@ class StringTable:
 
     def __getitem__(self, index: int) -> str:
         start, end = self._offsets[index], self._offsets[index + 1]
-        return self._blob[start:end].decode("utf-8")
+        return self._blob[start:end].decode("utf-8", "surrogateescape")
 
     def take(self, indices: np.ndarray) -> StringTable:
         """A new table of the entries at ``indices``, in that order."""

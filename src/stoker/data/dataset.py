@@ -510,11 +510,17 @@ def _split(
     catalog: Catalog, datasets: Sequence[DatasetConfig], *, validation: bool, seed: int
 ) -> Catalog:
     """Keep the training or the validation part of each subset (``validation_split``)."""
+    if validation and not any(d.validation_split > 0 for d in datasets):
+        raise DatasetError(
+            "validation=True, but no dataset sets validation_split; add validation_split = 0.1 "
+            "(for example) to the dataset, or load without validation=True"
+        )
     keep_parts = []
     for s, owner in enumerate(catalog.dataset_of_subset):
         members = np.flatnonzero(catalog.subset == s)
         dataset = datasets[owner]
-        if dataset.validation_split <= 0:
+        # Regularisation images are never split: all stay in training, as in sd-scripts.
+        if dataset.validation_split <= 0 or catalog.subsets[s].is_reg:
             keep_parts.append(np.empty(0, np.int64) if validation else members)
             continue
         split_seed = dataset.validation_seed if dataset.validation_seed is not None else seed
@@ -609,6 +615,16 @@ def _finish(
     group_owner[groups] = owner
     batch_sizes = np.array([group.datasets[o].batch_size for o in group_owner], np.int64)
     repeats, notes = _repeats(catalog, owner)
+    if int(repeats.sum()) == 0:
+        only_reg = all(s.is_reg for s in catalog.subsets)
+        raise DatasetError(
+            "nothing to train on: "
+            + (
+                "there are only regularisation subsets (is_reg = true); add a training subset"
+                if only_reg
+                else "every subset has num_repeats = 0; set num_repeats >= 1"
+            )
+        )
     notes += [f"skipped folder {name}: {why}" for name, why in group.skipped_dirs]
     dataset = StokerDataset(
         catalog=catalog,
