@@ -23,6 +23,7 @@ bench: install
 	$(PIP) install --quiet -e ".[bench]"
 	$(PYTHON) benchmarks/run.py $(BENCH_ARGS)
 
-lint:
+lint: install
 	$(PYTHON) -m ruff check src tests benchmarks
 	$(PYTHON) -m ruff format --check src tests benchmarks
+	$(PYTHON) -m mypy --strict src/stoker

@@ -80,7 +80,7 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), default=None)
 
 
-def _workers_arg(text: str | None) -> int | str | None:
+def _workers_arg(text: str | None) -> Any:
     if text is None or text == "auto":
         return text
     try:

@@ -16,6 +16,7 @@ import re
 import secrets
 import sys
 import time
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -77,7 +78,7 @@ def tell(adjustments: Iterable[Adjustment]) -> None:
 
 def _user_stacklevel() -> int:
     """The stacklevel of the first caller outside stoker, so warnings point at the user's line."""
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     level = 1
     while frame is not None and frame.f_globals.get("__name__", "").startswith("stoker"):
         frame = frame.f_back
@@ -234,7 +235,7 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
     monitor: InputMonitor | None = None
     _live: Any = None
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator over torch's
         sampler = self.batch_sampler
         consumed = getattr(sampler, "mark_consumed", None)
         monitor = self.monitor
@@ -475,7 +476,7 @@ def make_loader(
         shuffle=shuffle,
         generator=generator,
         worker_init_fn=worker_init,
-        **plan.kwargs,
+        **plan.kwargs,  # type: ignore[arg-type]  # validated by the planner
         **dataloader_kwargs,
     )
     loader.plan = plan
@@ -599,7 +600,7 @@ def _unwatch_worker_exits(inner: Any) -> None:
     if getattr(inner, "_worker_pids_set", False):
         from torch.utils.data._utils import signal_handling
 
-        signal_handling._remove_worker_pids(id(inner))
+        signal_handling._remove_worker_pids(id(inner))  # type: ignore[attr-defined]
         inner._worker_pids_set = False
 
 
