@@ -4,7 +4,7 @@
   - ``ConfigError``: a dataset config, folder name or setting that cannot be used (also a ``ValueError``).
   - ``DatasetError``: the data itself cannot be loaded (missing folder, empty dataset, bad files under
     ``on_error="raise"``).
-  - ``CacheError``: a scan, tuning or latent cache cannot be read or written.
+  - ``CacheError``: a scan or tuning cache cannot be read or written.
   - ``WorkerFailed`` (also a ``RuntimeError``): a loader worker died; names it and what it loaded.
   - ``SharedMemoryFull`` (also a ``RuntimeError``): ``/dev/shm`` is too small for the batches.
 - ``StokerWarning``: every warning stoker issues, so users can filter them in one line.
