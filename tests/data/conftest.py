@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from image_formats import FORMAT_NAMES
 from stoker.data.synthetic import write_image
 
 
@@ -46,17 +47,7 @@ def write_formats(folder: Path, rng: np.random.Generator) -> list[str]:
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display: upright size is 200x320
     rotated.save(folder / "rotated.jpg", exif=exif)
     Image.fromarray(_rgb(rng, 256, 256)).save(folder / "plain.bmp")
-    names = [
-        "photo.jpg",
-        "wide.JPG",
-        "alpha.png",
-        "palette.png",
-        "deep16.png",
-        "web.webp",
-        "cmyk.jpg",
-        "rotated.jpg",
-        "plain.bmp",
-    ]
+    names = list(FORMAT_NAMES)
     for name in names:
         (folder / name).with_suffix(".caption").write_text(f"sks, {Path(name).stem}, tag a, tag b")
     return names

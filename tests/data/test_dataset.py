@@ -8,6 +8,7 @@ import torch
 
 import stoker
 from conformance import assert_deterministic_and_resumable
+from image_formats import FORMAT_NAMES
 from stoker import DatasetError, StokerWarning, load_dataset, make_loader
 from stoker.data.synthetic import write_image, write_sample_dataset
 
@@ -105,17 +106,7 @@ def test_every_format_loads_with_exif_orientation(messy):
     )
     paths = [ds.catalog.paths[i] for i in range(len(ds))]
     names = {p.rsplit("/", 1)[1] for p in paths}
-    for name in (
-        "photo.jpg",
-        "wide.JPG",
-        "alpha.png",
-        "palette.png",
-        "deep16.png",
-        "web.webp",
-        "cmyk.jpg",
-        "rotated.jpg",
-        "plain.bmp",
-    ):
+    for name in FORMAT_NAMES:
         assert name in names
     rotated = paths.index(next(p for p in paths if p.endswith("rotated.jpg")))
     assert (ds.catalog.widths[rotated], ds.catalog.heights[rotated]) == (200, 320)
