@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from stoker.tune import (
     candidate_workers,
     choose,
     memory_budget,
-    write_atomic,
 )
 
 GIB = 2**30
@@ -318,21 +316,6 @@ def test_a_remembered_choice_that_no_longer_fits_in_memory_is_measured_again(
     (machine / "proc/meminfo").write_text(f"MemAvailable: {2 * GIB // 1024} kB\n")
     again, factory = run(dataset, rates, machine)
     assert not again.cached and again.plan.num_workers <= 1
-
-
-def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
-    target = tmp_path / "tune" / "x.json"
-    write_atomic(target, "old")
-
-    def interrupted(src, dst):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "replace", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        write_atomic(target, "new")
-    monkeypatch.undo()
-    assert target.read_text() == "old"
-    assert sorted(p.name for p in target.parent.iterdir()) == ["x.json"]
 
 
 def test_a_failed_probe_warns_falls_back_and_caches_nothing(dataset, machine, cache):

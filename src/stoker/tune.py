@@ -72,8 +72,6 @@ import json
 import logging
 import math
 import os
-import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -93,6 +91,7 @@ from stoker.budget import (
     _read_text,
 )
 from stoker.errors import StokerWarning
+from stoker.files import atomic_write_text
 from stoker.loader import _user_stacklevel, make_loader, plan_request, resolve_budget
 from stoker.monitor import batch_samples
 from stoker.plan import (
@@ -103,6 +102,7 @@ from stoker.plan import (
     default_workers,
     max_useful_workers,
 )
+from stoker.progress import ProgressBar, progress_bar
 
 __all__ = [
     "CONSUMER_MARGIN",
@@ -725,21 +725,6 @@ def _choice_from(data: Mapping[str, Any]) -> MeasuredChoice:
     )
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --- the entry point -----------------------------------------------------------------------------
 
 
@@ -809,7 +794,8 @@ def tune_loader(
     batches = _batches_for(dataset, batch_size, seed)
     if batches is None or _nothing_to_measure(request, budget):
         return context.unmeasured(batches is None)
-    bar = _stderr_bar() if progress is None or progress is True else (progress or None)
+    own_bar = _stderr_bar() if progress is None or progress is True else None
+    bar: Progress | None = own_bar if progress is None or progress is True else (progress or None)
     probe = _Probe(
         factory=factory,
         batches=batches,
@@ -825,8 +811,8 @@ def tune_loader(
     except Exception as err:  # a probe that fails must not stop training: fall back, and say so
         return context.failed(err, probe)
     finally:
-        if bar is not None and bar is not progress:
-            sys.stderr.write("\n")
+        if own_bar is not None:
+            own_bar.close()
     record = {
         "format": _CACHE_FORMAT,
         "choice": dataclasses.asdict(choice),
@@ -956,7 +942,8 @@ def _remembered(data: Mapping[str, Any], path: Path) -> MeasuredChoice:
 
 def _remember(path: Path, record: Mapping[str, Any]) -> None:
     try:
-        write_atomic(path, json.dumps(record, indent=1, sort_keys=True))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
     except OSError as err:
         message = (
             f"stoker could not remember the measured loader settings in {path} ({err}); the next "
@@ -1035,18 +1022,6 @@ class _Context:
         return self.result(choice, record, cached=False, path=None, failure=failure)
 
 
-def _stderr_bar() -> Progress | None:
+def _stderr_bar() -> ProgressBar | None:
     """A one-line bar on stderr while probing, or ``None`` when stderr is not a terminal."""
-    if not sys.stderr.isatty():
-        return None
-
-    def draw(elapsed: float, limit: float, text: str) -> None:
-        width = 24
-        filled = min(width, int(width * elapsed / max(limit, 1e-9)))
-        sys.stderr.write(
-            f"\rstoker: measuring workers [{'#' * filled}{'.' * (width - filled)}] "
-            f"{elapsed:4.1f}/{limit:.1f} s  {text:<36}"
-        )
-        sys.stderr.flush()
-
-    return draw
+    return progress_bar("stoker: measuring workers", unit="s")

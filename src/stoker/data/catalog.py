@@ -11,10 +11,9 @@ report, and the caller's ``on_error`` policy decides what to do with the list.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ import numpy as np
 from stoker.data.config import DatasetConfig, SubsetConfig, load_metadata
 from stoker.data.images import ImageProblem, read_image_size
 from stoker.errors import DatasetError
+from stoker.files import atomic_write_text
+from stoker.progress import progress_bar
 
 __all__ = ["Catalog", "Problem", "StringTable", "scan_dataset", "image_extensions"]
 
@@ -474,32 +475,12 @@ class _ScanCaches:
     def save(self) -> None:
         for folder in self._dirty:
             target = folder / SCAN_CACHE_NAME
-            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-            try:
-                tmp.write_text(
-                    json.dumps({"version": _CACHE_VERSION, "entries": self._folders[folder]}),
-                    encoding="utf-8",
-                )
-                os.replace(tmp, target)
-            except OSError:
-                # A read-only dataset folder just means no cache: the scan result stands.
-                tmp.unlink(missing_ok=True)
+            text = json.dumps({"version": _CACHE_VERSION, "entries": self._folders[folder]})
+            # A read-only dataset folder just means no cache: the scan result stands.
+            with contextlib.suppress(OSError):
+                atomic_write_text(target, text)
 
 
 def stderr_progress(label: str) -> Callable[[int, int], None] | None:
     """A progress callback that draws on stderr, or ``None`` when stderr is not a terminal."""
-    if not sys.stderr.isatty():
-        return None
-    start = time.perf_counter()
-
-    def draw(done: int, total: int) -> None:
-        width = 30
-        filled = int(width * done / max(total, 1))
-        rate = done / max(time.perf_counter() - start, 1e-9)
-        end = "\n" if done >= total else ""
-        sys.stderr.write(
-            f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} ({rate:.0f}/s){end}"
-        )
-        sys.stderr.flush()
-
-    return draw
+    return progress_bar(label, unit="images")
