@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from stoker.budget import Budget, Limit, cpu_budget
+from stoker.cache import CacheReport, cache_latents
 from stoker.data.catalog import Problem
 from stoker.data.dataset import DatasetReport, StokerDataset, load_dataset, to_float_images
 from stoker.errors import (
@@ -33,6 +34,7 @@ __all__ = [
     "Adjustment",
     "Budget",
     "CacheError",
+    "CacheReport",
     "ConfigError",
     "DatasetError",
     "DatasetReport",
@@ -52,6 +54,7 @@ __all__ = [
     "TuneResult",
     "WorkerFailed",
     "__version__",
+    "cache_latents",
     "cpu_budget",
     "load_dataset",
     "make_loader",

@@ -1,0 +1,51 @@
+"""Latent and text-encoder caches: safetensors shards with one index, never stale, read via mmap.
+
+``cache_latents`` and ``cache_text_encoder_outputs`` build them; ``load_dataset(latent_cache=...,
+text_cache=...)`` reads them (`attach_caches`); ``check_caches`` reports valid, stale and missing
+entries. Layout and rules: docs/cache.md.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from stoker.cache.index import CacheReport
+from stoker.cache.latents import cache_latents, check_latent_cache, open_latent_cache
+from stoker.errors import CacheError
+
+__all__ = ["CacheReport", "attach_caches", "cache_latents", "check_caches"]
+
+
+def attach_caches(
+    dataset: Any,
+    *,
+    latent_cache: str | os.PathLike[str] | None = None,
+    text_cache: str | os.PathLike[str] | None = None,
+    vae: Any = None,
+) -> None:
+    """Make ``dataset`` read latents (and text-encoder outputs) from caches instead of images.
+
+    Raises:
+        CacheError: a cache is incomplete or stale (see `CacheReport`), or the dataset uses a
+            setting a cache cannot serve.
+    """
+    if latent_cache is not None:
+        dataset.latents = open_latent_cache(dataset, latent_cache, vae=vae)
+    if text_cache is not None:
+        raise CacheError("text_cache: the text-encoder cache is not in this build of stoker yet")
+
+
+def check_caches(
+    dataset: Any,
+    *,
+    latent_cache: str | os.PathLike[str] | None = None,
+    text_cache: str | os.PathLike[str] | None = None,
+) -> list[CacheReport]:
+    """Reports (valid, stale, missing) of the given caches for ``dataset``; raises nothing stale."""
+    reports = []
+    if latent_cache is not None:
+        reports.append(check_latent_cache(dataset, latent_cache).report)
+    if text_cache is not None:
+        raise CacheError("text_cache: the text-encoder cache is not in this build of stoker yet")
+    return reports
