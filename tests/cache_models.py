@@ -55,3 +55,44 @@ def write_dataset(root: Path, *, flip: bool = True, extra: str = "") -> Folder:
         "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'img'\nnum_repeats = 2\n"
     )
     return Folder(root=root, images=images, config=config)
+
+
+WORDS = ["a", "photo", "of", "sks", "dog", "view", "cat", "red", "blue", "0", "1", "2", ","]
+
+
+def tiny_clip(seed: int = 0, *, projection: bool = False):
+    """A transformers CLIP text model and its tokenizer: a real BPE vocabulary of a few words."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    chars = sorted(set("".join(WORDS)))
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    merges = []
+    for word in WORDS:
+        current = word[0]
+        for i, c in enumerate(word[1:]):
+            right = c + "</w>" if i == len(word) - 2 else c
+            merges.append((current, right))
+            current += right
+            vocab.setdefault(current, len(vocab))
+    # transformers 5.x: vocab= and merges= objects (vocab_file= is silently ignored).
+    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=merges)
+    tokenizer.model_max_length = 16
+    config = transformers.CLIPTextConfig(
+        vocab_size=len(vocab) + 4,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    return cls(config), tokenizer

@@ -27,6 +27,7 @@ EXPECTED = [
     "WorkerFailed",
     "__version__",
     "cache_latents",
+    "cache_text_encoder_outputs",
     "cpu_budget",
     "load_dataset",
     "make_loader",

@@ -19,3 +19,15 @@ def vae_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def folder(tmp_path) -> Folder:
     return write_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def clip_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """(text encoder folder, tokenizer folder), written with save_pretrained."""
+    from cache_models import tiny_clip
+
+    model, tokenizer = tiny_clip()
+    folder = tmp_path_factory.mktemp("clip")
+    model.save_pretrained(folder / "text_encoder")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    return folder / "text_encoder", folder / "tokenizer"

@@ -12,9 +12,15 @@ from typing import Any
 
 from stoker.cache.index import CacheReport
 from stoker.cache.latents import cache_latents, check_latent_cache, open_latent_cache
-from stoker.errors import CacheError
+from stoker.cache.text import cache_text_encoder_outputs, check_text_cache, open_text_cache
 
-__all__ = ["CacheReport", "attach_caches", "cache_latents", "check_caches"]
+__all__ = [
+    "CacheReport",
+    "attach_caches",
+    "cache_latents",
+    "cache_text_encoder_outputs",
+    "check_caches",
+]
 
 
 def attach_caches(
@@ -33,7 +39,7 @@ def attach_caches(
     if latent_cache is not None:
         dataset.latents = open_latent_cache(dataset, latent_cache, vae=vae)
     if text_cache is not None:
-        raise CacheError("text_cache: the text-encoder cache is not in this build of stoker yet")
+        dataset.text = open_text_cache(dataset, text_cache)
 
 
 def check_caches(
@@ -47,5 +53,5 @@ def check_caches(
     if latent_cache is not None:
         reports.append(check_latent_cache(dataset, latent_cache).report)
     if text_cache is not None:
-        raise CacheError("text_cache: the text-encoder cache is not in this build of stoker yet")
+        reports.append(check_text_cache(dataset, text_cache).report)
     return reports

@@ -199,7 +199,10 @@ class CacheIndex:
             return  # older format: its entries can never be valid; leave it out of the index
         count = len(digests["key"])
         new = {**digests, "shard": np.full(count, len(self.shard_names), np.int32)}
-        new["entry"] = np.arange(count, dtype=np.int32)
+        # Rows map to tensor entries one to one, unless the shard says otherwise (a text entry
+        # is stored once per distinct caption and named by every image that uses it).
+        entry = record.get("entry")
+        new["entry"] = np.asarray(entry if entry is not None else np.arange(count), np.int32)
         self.columns = {k: np.concatenate([self.columns[k], new[k]]) for k in self.columns}
         self.shard_names.append(name)
         self.shard_sizes.append(size)

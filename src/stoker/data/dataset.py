@@ -190,6 +190,8 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             samples.append(sample)
             replaced += problems
         batch = _collate(samples, float_images=self.output == "float")
+        if self.text is not None:  # cached text-encoder outputs of the final captions
+            batch |= self.text.collate(batch["captions"])
         batch["replaced"] = replaced
         return batch
 
