@@ -28,6 +28,7 @@ EXPECTED = [
     "__version__",
     "cache_latents",
     "cache_text_encoder_outputs",
+    "check_caches",
     "cpu_budget",
     "load_dataset",
     "make_loader",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from stoker.budget import Budget, Limit, cpu_budget
-from stoker.cache import CacheReport, cache_latents, cache_text_encoder_outputs
+from stoker.cache import CacheReport, cache_latents, cache_text_encoder_outputs, check_caches
 from stoker.data.catalog import Problem
 from stoker.data.dataset import DatasetReport, StokerDataset, load_dataset, to_float_images
 from stoker.errors import (
@@ -56,6 +56,7 @@ __all__ = [
     "__version__",
     "cache_latents",
     "cache_text_encoder_outputs",
+    "check_caches",
     "cpu_budget",
     "load_dataset",
     "make_loader",

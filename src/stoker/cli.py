@@ -260,12 +260,17 @@ def _load_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
 
 
 def _run_scan(args: argparse.Namespace) -> int:
-    dataset = _load_from_args(args, on_error="skip")
+    from stoker.cli_cache import render_cache_state
+
+    dataset = _load_from_args(args, on_error="skip", latent_cache=False, text_cache=False)
     report = dataset.report
+    latent = args.latent_cache or dataset.datasets[0].latent_cache
+    text = args.text_cache or dataset.datasets[0].text_cache
     if args.json:
-        _print_json(report)
+        caches = stoker.check_caches(dataset, latent_cache=latent, text_cache=text)
+        _print_json({**_jsonable(report), "caches": caches})
         return 1 if report.problems else 0
-    print("\n".join(_render_report(report)))
+    print("\n".join(_render_report(report) + render_cache_state(dataset, latent, text)))
     return 1 if report.problems else 0
 
 
@@ -476,6 +481,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_source_options(scan)
     scan.add_argument("--json", action="store_true", help="print the report as JSON")
+    scan.add_argument("--latent-cache", default=None, metavar="DIR", help="report this cache")
+    scan.add_argument("--text-cache", default=None, metavar="DIR", help="report this cache")
     scan.set_defaults(run=_run_scan)
 
     demo = sub.add_parser(
@@ -490,6 +497,9 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_run_demo)
     _add_bench_parser(sub)
     _add_tune_parser(sub)
+    from stoker.cli_cache import add_cache_parser
+
+    add_cache_parser(sub, _add_source_options)
     return parser
 
 

@@ -8,7 +8,7 @@ entries. Layout and rules: docs/cache.md.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from stoker.cache.index import CacheReport
 from stoker.cache.latents import cache_latents, check_latent_cache, open_latent_cache
@@ -45,13 +45,26 @@ def attach_caches(
 def check_caches(
     dataset: Any,
     *,
-    latent_cache: str | os.PathLike[str] | None = None,
-    text_cache: str | os.PathLike[str] | None = None,
+    latent_cache: str | os.PathLike[str] | Literal[False] | None = None,
+    text_cache: str | os.PathLike[str] | Literal[False] | None = None,
 ) -> list[CacheReport]:
-    """Reports (valid, stale, missing) of the given caches for ``dataset``; raises nothing stale."""
+    """Reports (valid, stale, missing) of ``dataset``'s caches.
+
+    ``None`` takes a folder from the dataset config's ``latent_cache``/``text_cache``; ``False``
+    skips that cache.
+
+    A stale or missing entry is reported, not raised.
+
+    Raises:
+        CacheError: a cache cannot be read, or the dataset uses a setting it cannot serve.
+    """
+    if latent_cache is None:
+        latent_cache = dataset.datasets[0].latent_cache
+    if text_cache is None:
+        text_cache = dataset.datasets[0].text_cache
     reports = []
-    if latent_cache is not None:
+    if latent_cache:
         reports.append(check_latent_cache(dataset, latent_cache).report)
-    if text_cache is not None:
+    if text_cache:
         reports.append(check_text_cache(dataset, text_cache).report)
     return reports

@@ -317,8 +317,9 @@ def _passthrough(batch: Any) -> Any:
 class _ShardBuilder:
     """Collects encoded entries and writes them as shards; flushes by count, size and time."""
 
-    def __init__(self, folder: Path, record_info: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, record_info: dict[str, Any], rank: int = 0) -> None:
         self.folder = folder
+        self.rank = rank
         self.info = record_info
         self.tensors: list[tuple[str, torch.Tensor]] = []
         self.digests: dict[str, list[np.ndarray]] = {k: [] for k in _DIGEST_NAMES}
@@ -339,7 +340,7 @@ class _ShardBuilder:
         if self.tensors:
             entries = {k: hex_digests(np.stack(v)) for k, v in self.digests.items()}
             record = {"format": FORMAT_VERSION, "kind": KIND, "info": self.info, "entries": entries}
-            name = f"{KIND}-{secrets.token_hex(8)}.safetensors"
+            name = f"{KIND}-r{self.rank}-{secrets.token_hex(8)}.safetensors"
             write_shard(self.folder / name, self.tensors, {"stoker": json.dumps(record)})
             self.written += len(self.tensors)
         self.tensors, self.nbytes = [], 0
@@ -428,7 +429,7 @@ def cache_latents(
     todo = np.flatnonzero(check.status != VALID)
     batches = encoder_batches(dataset.groups, todo, batch_size or 4, rank, world)
     info = {"encoder": plan.encoder, "dtype": name}
-    builder = _ShardBuilder(folder, info)
+    builder = _ShardBuilder(folder, info, rank)
     bar = progress or progress_bar(f"stoker: caching latents (rank {rank})", "images")
     try:
         _encode_all(dataset, model, plan, batches, builder, device, bar, workers, make_loader)

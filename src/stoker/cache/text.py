@@ -316,7 +316,7 @@ def cache_text_encoder_outputs(
     ]
     todo = todo[rank::world]
     bar = progress or progress_bar(f"stoker: caching text (rank {rank})", "captions")
-    writer = _TextShards(folder, settings, _image_slots(dataset, check.settings_text))
+    writer = _TextShards(folder, settings, _image_slots(dataset, check.settings_text), rank)
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
@@ -395,9 +395,14 @@ class _TextShards:
     """Writes text entries with one index row per (caption, image using it)."""
 
     def __init__(
-        self, folder: Path, settings: TextSettings, users: dict[str, list[np.ndarray]]
+        self,
+        folder: Path,
+        settings: TextSettings,
+        users: dict[str, list[np.ndarray]],
+        rank: int = 0,
     ) -> None:
         self.folder = folder
+        self.rank = rank
         self.settings_text = settings.text()
         self.users = users
         self.pending: list[tuple[str, list[tuple[str, torch.Tensor]]]] = []
@@ -436,7 +441,7 @@ class _TextShards:
             "entries": entries,
             "entry": rows["entry"],
         }
-        name = f"{KIND}-{secrets.token_hex(8)}.safetensors"
+        name = f"{KIND}-r{self.rank}-{secrets.token_hex(8)}.safetensors"
         write_shard(self.folder / name, tensors, {"stoker": json.dumps(record)})
         self.written += len(self.pending)
         self.pending = []

@@ -447,8 +447,8 @@ def load_dataset(
     fast_decode: bool = True,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-    latent_cache: str | os.PathLike[str] | None = None,
-    text_cache: str | os.PathLike[str] | None = None,
+    latent_cache: str | os.PathLike[str] | Literal[False] | None = None,
+    text_cache: str | os.PathLike[str] | Literal[False] | None = None,
     vae: Any = None,
     **overrides: Any,
 ) -> StokerDataset:
@@ -474,9 +474,11 @@ def load_dataset(
             terminal and the dataset is large.
         latent_cache: a latent cache folder (``stoker.cache_latents``): batches carry ``latents``
             instead of ``images`` and no image is opened; every other key is unchanged. Also the
-            ``latent_cache`` key of the config's ``[general]`` table.
+            ``latent_cache`` key of the config (``[general]`` or ``[[datasets]]``); ``False``
+            loads images even when the config names a cache.
         text_cache: a text-encoder cache folder (``stoker.cache_text_encoder_outputs``): batches
-            also carry the text encoders' outputs for each caption. Also a ``[general]`` key.
+            also carry the text encoders' outputs for each caption. Also a config key; ``False``
+            ignores it.
         vae: encode stale and missing latents with this VAE (object or folder) instead of raising.
         **overrides: dataset and subset keys (sd-scripts' command-line options), below the config.
 
@@ -517,14 +519,14 @@ def load_dataset(
         fast_decode=fast_decode,
         source=Path(source),
     )
-    if latent_cache is None:
-        latent_cache = _cache_folder(group.datasets, "latent_cache")
-    if text_cache is None:
-        text_cache = _cache_folder(group.datasets, "text_cache")
-    if latent_cache is not None or text_cache is not None:
+    latents = (
+        _cache_folder(group.datasets, "latent_cache") if latent_cache is None else latent_cache
+    )
+    text = _cache_folder(group.datasets, "text_cache") if text_cache is None else text_cache
+    if latents or text:
         from stoker.cache import attach_caches  # the cache package sits above data
 
-        attach_caches(dataset, latent_cache=latent_cache, text_cache=text_cache, vae=vae)
+        attach_caches(dataset, latent_cache=latents or None, text_cache=text or None, vae=vae)
     return dataset
 
 
