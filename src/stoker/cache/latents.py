@@ -123,7 +123,7 @@ def plan_latents(dataset: Any, *, encoder: str, dtype: str) -> LatentPlan:
     """The digests of every entry ``dataset`` needs for VAE ``encoder`` stored as ``dtype``."""
     refuse_augmentations(dataset)
     catalog = dataset.catalog
-    paths = tuple(os.path.abspath(catalog.paths[i]) for i in range(len(catalog)))
+    paths = tuple(_absolute(catalog.paths[i]) for i in range(len(catalog)))
     flips = np.array([s.flip_aug for s in catalog.subsets], bool)[catalog.subset]
     views = np.where(flips, 2, 1).astype(np.int64)
     slot = digest_strings(f"{KIND}|{p}" for p in paths)
@@ -143,25 +143,36 @@ def plan_latents(dataset: Any, *, encoder: str, dtype: str) -> LatentPlan:
     )
 
 
+def _absolute(path: str) -> str:
+    return path if path.startswith("/") else os.path.abspath(path)
+
+
 def _recipe_digests(dataset: Any, views: np.ndarray, *, encoder: str, dtype: str) -> np.ndarray:
-    """One digest per image of everything but the file: hashed once per distinct recipe."""
+    """One digest per image of everything but the file, vectorised: the settings of its subset
+    (hashed once per subset) folded with its bucket, resized size, centre crop and views."""
     catalog = dataset.catalog
-    table = np.column_stack(
-        [dataset.bucket_wh, dataset.resized_wh, catalog.subset.astype(np.int64), views]
-    )
-    rows, inverse = np.unique(table, axis=0, return_inverse=True)
     texts = []
-    for bw, bh, rw, rh, s, v in rows.tolist():
-        subset = catalog.subsets[s]
+    for s, subset in enumerate(catalog.subsets):
         owner = dataset.datasets[catalog.dataset_of_subset[s]]
         interpolation = subset.resize_interpolation or owner.resize_interpolation
-        crop = ((rh - bh) // 2, (rw - bw) // 2)  # the centre crop of sd-scripts' trim
         texts.append(
-            f"{KIND}|format={FORMAT_VERSION}|vae={encoder}|dtype={dtype}|bucket={bw}x{bh}|"
-            f"resized={rw}x{rh}|crop={crop}|views={v}|resize={interpolation}|"
-            f"fast_decode={bool(dataset.fast_decode)}"
+            f"{KIND}|format={FORMAT_VERSION}|vae={encoder}|dtype={dtype}|resize={interpolation}|"
+            f"fast_decode={bool(dataset.fast_decode)}|crop=centre"
         )
-    return digest_strings(texts)[inverse.reshape(-1)]
+    bucket = np.asarray(dataset.bucket_wh, np.int64)
+    resized = np.asarray(dataset.resized_wh, np.int64)
+    crop = (resized - bucket) // 2  # the centre crop of sd-scripts' trim (left, top)
+    per_subset = digest_strings(texts)[np.asarray(catalog.subset, np.int64)]
+    return combine(
+        per_subset,
+        bucket[:, 0],
+        bucket[:, 1],
+        resized[:, 0],
+        resized[:, 1],
+        crop[:, 0],
+        crop[:, 1],
+        views,
+    )
 
 
 # --- checking ------------------------------------------------------------------------------------
@@ -406,7 +417,8 @@ def cache_latents(
         device: where the VAE runs; default: where its weights are.
         batch_size: images per encoder call (the mirror images ride along); default 4.
         progress: ``progress(done, total)`` after each batch; default: a bar on a terminal.
-        workers: loader workers for decoding; default: planned from the CPU budget.
+        workers: loader workers for decoding; default: one per CPU of the budget (the main
+            process mostly waits for the encoder on its device).
 
     Raises:
         CacheError: a setting the cache cannot serve (``random_crop``, ``color_aug``, ...).
@@ -467,6 +479,10 @@ def _encode_all(
     total = sum(len(b) for b in batches)
     if total == 0:
         return
+    if workers is None:
+        from stoker.budget import cpu_budget
+
+        workers = cpu_budget().cpus
     loader = make_loader(
         _EncodeFeed(dataset.with_seed(dataset.seed)),
         batch_sampler=batches,
@@ -565,14 +581,16 @@ class LatentReader:
 
     def distribution(self, image: int, flipped: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance ``(C, h, w)`` of ``image`` (its mirror view when ``flipped``)."""
-        views, two, c, h, w = (int(v) for v in self.shape[image])
-        count = views * two * c * h * w
-        size = count * DTYPES[self.dtype].itemsize
-        start = int(self.start[image])
-        spec = TensorSpec(self.dtype, (views, two, c, h, w), start, start + size)
-        entry = self.shards[int(self.shard[image])].tensor(spec)
-        view = entry[1 if flipped and views == 2 else 0]
-        return view[0], view[1]
+        _, two, c, h, w = (int(v) for v in self.shape[image])
+        out = self.read_into(image, flipped, torch.empty((two, c, h, w), dtype=DTYPES[self.dtype]))
+        return out[0], out[1]
+
+    def read_into(self, image: int, flipped: bool, out: torch.Tensor) -> torch.Tensor:
+        """Read one view's ``(2, C, h, w)`` mean and log-variance into ``out`` (contiguous)."""
+        views = int(self.shape[image, 0])
+        # A view's mean and log-variance are contiguous: one read of just that view.
+        offset = out.numel() * out.element_size() if flipped and views == 2 else 0
+        return self.shards[int(self.shard[image])].read_into(int(self.start[image]) + offset, out)
 
     def sample(self, image: int, flipped: bool, noise_seed: int) -> torch.Tensor:
         """``mean + exp(logvar / 2) * noise`` as float32, noise from a generator seeded here."""
