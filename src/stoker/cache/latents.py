@@ -488,6 +488,9 @@ def _encode_all(
         batch_sampler=batches,
         collate_fn=_passthrough,
         workers=workers,
+        # Decoding runs ahead of the encoder by several batches, so a run of large images
+        # (one bucket's batches can be much slower to decode than the mean) does not stall it.
+        prefetch_factor=4 if workers else None,
         seed=0,
         monitor=False,
     )
