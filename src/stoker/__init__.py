@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 
 from stoker.budget import Budget, Limit, cpu_budget
-from stoker.data.catalog import Problem
 from stoker.data.dataset import DatasetReport, StokerDataset, load_dataset, to_float_images
 from stoker.errors import (
     CacheError,
     ConfigError,
     DatasetError,
+    LoaderTimeout,
+    Problem,
     SharedMemoryFull,
     StokerError,
     StokerWarning,
@@ -41,6 +42,7 @@ __all__ = [
     "LoaderPlan",
     "LoaderRequest",
     "LoaderStats",
+    "LoaderTimeout",
     "MeasuredChoice",
     "Measurement",
     "Problem",

@@ -28,7 +28,13 @@ import torch.multiprocessing
 from torch.utils.data import DataLoader
 
 from stoker.budget import Budget, cpu_budget
-from stoker.errors import SharedMemoryFull, StokerWarning, WorkerFailed
+from stoker.errors import (
+    LoaderTimeout,
+    Problem,
+    SharedMemoryFull,
+    StokerWarning,
+    WorkerFailed,
+)
 from stoker.monitor import (
     InputMonitor,
     LoaderStats,
@@ -255,7 +261,7 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
                 except StopIteration:
                     return
                 except (RuntimeError, ConnectionError, EOFError) as err:
-                    raise _explain_failure(err, inner, self) from err
+                    raise _explain_failure(err, inner, self, index) from err
                 if monitor is not None and monitor.record(asked, clock(), batch_samples(batch)):
                     self._warn_input_bound()
                 if isinstance(batch, dict) and batch.get("replaced"):
@@ -263,6 +269,8 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
                 if consumed is not None:
                     consumed()
                 index += 1
+                if isinstance(batch, dict) and batch.get("empty"):
+                    continue  # every file of the batch failed; they are reported above
                 yield batch
         except GeneratorExit:
             self._stop_early(inner)
@@ -348,20 +356,22 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
             )
         return sampler
 
-    def _record_replaced(self, replaced: list[tuple[str, str]], index: int = 0) -> None:
-        from stoker.data.catalog import Problem
-
+    def _record_replaced(self, replaced: list[Problem], index: int = 0) -> None:
         if self.monitor is not None:
             # PyTorch hands batch indices to workers round robin, so batch k came from k % n.
             self.monitor.record_errors(index % max(self.num_workers, 1), len(replaced))
         known = getattr(self.dataset, "decode_problems", None)
-        for path, reason in replaced:
-            problem = Problem(path=path, reason=reason, stage="decode", action="replaced")
+        for problem in replaced:
             if isinstance(known, list) and problem not in known:
                 known.append(problem)
+                what = (
+                    "it was replaced by another image of its bucket"
+                    if problem.action == "replaced"
+                    else "no other image of its bucket decoded, so its batch is one sample short"
+                )
                 message = (
-                    f"stoker could not decode {path} ({reason}); it was replaced by another "
-                    "image of its bucket. Fix or remove the file; stoker scan lists bad files."
+                    f"stoker could not decode {problem.path} ({problem.reason}); {what}. Fix or "
+                    "remove the file; dataset.report.problems lists it, stoker scan lists bad files."
                 )
                 logger.warning(message)
                 warnings.warn(message, StokerWarning, stacklevel=2)
@@ -497,7 +507,7 @@ _SHM_SIGNS = (
 )
 
 
-def _explain_failure(err: Exception, inner: Any, loader: StokerLoader) -> Exception:
+def _explain_failure(err: Exception, inner: Any, loader: StokerLoader, index: int) -> Exception:
     """Turn PyTorch's worker-failure errors into ones that say which worker, what, and the fix.
 
     A dead worker shows up as PyTorch's RuntimeError ("killed by signal", "exited unexpectedly")
@@ -505,6 +515,14 @@ def _explain_failure(err: Exception, inner: Any, loader: StokerLoader) -> Except
     the workers' exit codes tell which one died either way.
     """
     text = str(err)
+    if "DataLoader timed out" in text:
+        loading = _what_workers_loaded(inner, loader, set(range(loader.num_workers)))
+        _shutdown(inner)
+        return LoaderTimeout(
+            f"batch {index} of this epoch did not arrive within timeout={loader.timeout} s; the "
+            f"workers were loading: {loading}. Raise timeout (0 waits forever), or check these "
+            "files: a slow network disk, or an image far larger than the rest."
+        )
     if any(sign in text for sign in _SHM_SIGNS):
         _shutdown(inner)
         return SharedMemoryFull(

@@ -37,8 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stoker.data.catalog import Problem
-from stoker.errors import StokerWarning
+from stoker.errors import Problem, StokerWarning
 
 __all__ = ["InputMonitor", "LoaderStats"]
 

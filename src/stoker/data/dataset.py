@@ -125,6 +125,7 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         max_train_steps: int | None = None,
         output: Output = "float",
         fast_decode: bool = True,
+        on_error: OnError = "warn",
     ) -> None:
         self.catalog = catalog
         self.datasets = tuple(datasets)
@@ -134,6 +135,7 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.repeats = repeats
         self.batch_sizes = batch_sizes
         self.report = report
+        self.on_error = on_error
         self.seed = seed
         self.max_train_steps = max_train_steps
         self.output = output
@@ -142,6 +144,19 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.has_alpha = any(s.alpha_mask for s in catalog.subsets)
         self.has_conditioning = any(s.conditioning_data_dir is not None for s in catalog.subsets)
         self.decode_problems: list[Problem] = []  # filled in the main process by the loader
+
+    @property
+    def report(self) -> DatasetReport:
+        """What the scan found, with the decode-time problems the loader has met so far."""
+        if not self.decode_problems:
+            return self._report
+        return dataclasses.replace(
+            self._report, problems=self._report.problems + tuple(self.decode_problems)
+        )
+
+    @report.setter
+    def report(self, value: DatasetReport) -> None:
+        self._report = value
 
     def __len__(self) -> int:
         return len(self.catalog)
@@ -181,11 +196,22 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return self.__getitems__([key])
 
     def __getitems__(self, keys: Sequence[Sequence[int]]) -> dict[str, Any]:
+        """A batch of the samples at ``keys``.
+
+        A sample whose file fails to decode (or is no longer the size the scan saw) is replaced by
+        another image of its bucket; when none decodes, the slot is dropped and the batch is
+        smaller (an ``"empty"`` batch when nothing is left, which the loader skips). Either way the
+        files are in ``batch["replaced"]`` as `Problem` records, which the loader adds to
+        ``dataset.report``. With ``on_error="raise"`` the first such file raises `DatasetError`.
+        """
         samples, replaced = [], []
         for key in keys:
             sample, problems = self._sample_or_replacement(tuple(int(k) for k in key))
-            samples.append(sample)
+            if sample is not None:
+                samples.append(sample)
             replaced += problems
+        if not samples:
+            return {"empty": True, "replaced": replaced, "images": None, "captions": []}
         batch = _collate(samples, float_images=self.output == "float")
         batch["replaced"] = replaced
         return batch
@@ -194,23 +220,37 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def _sample_or_replacement(
         self, key: tuple[int, ...]
-    ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    ) -> tuple[dict[str, Any] | None, list[Problem]]:
         epoch, position, image, step = key
-        problems: list[tuple[str, str]] = []
+        problems: list[Problem] = []
         try:
             return self._sample(image, epoch, position, step), problems
         except ImageProblem as err:
-            problems.append((self.catalog.paths[image], err.reason))
+            problems.append(self._decode_problem(image, err))
         # Only a failure pays for finding the bucket's other images.
         for index in self._replacements(image, epoch, position):
             try:
                 return self._sample(index, epoch, position, step), problems
             except ImageProblem as err:
-                problems.append((self.catalog.paths[index], err.reason))
-        tried = ", ".join(f"{p} ({r})" for p, r in problems)
-        raise DatasetError(
-            f"no image of this bucket could be decoded for sample {position} of epoch {epoch}; "
-            f"tried: {tried}. Check these files (stoker scan lists bad files)."
+                problems.append(self._decode_problem(index, err))
+        # Nothing in the bucket decodes: the slot is dropped, the epoch goes on.
+        problems[0] = dataclasses.replace(problems[0], action="skipped")
+        return None, problems
+
+    def _decode_problem(self, index: int, err: ImageProblem) -> Problem:
+        path = self.catalog.paths[index]
+        if self.on_error == "raise":
+            raise DatasetError(
+                f"{path}: {err.reason} (found while making a batch; on_error='raise'). Fix or "
+                "remove the file, or load with on_error='warn' to replace and report it."
+            )
+        return Problem(
+            path=path,
+            reason=err.reason,
+            kind="size_changed" if err.size_changed else "decode_failed",
+            subset=int(self.catalog.subset[index]),
+            stage="decode",
+            action="replaced",
         )
 
     def _replacements(self, image: int, epoch: int, position: int) -> list[int]:
@@ -235,11 +275,14 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         flip = bool(subset.flip_aug and rng.random() < 0.5)
         face = parse_face_info(Path(path).stem) if subset.face_crop_aug_range else None
         if face is not None and not dataset.enable_bucket:
-            pixels = self._face_sample(path, subset, face, bucket, rng, interpolation, flip)
+            pixels = self._face_sample(index, subset, face, bucket, rng, interpolation, flip)
             crop = (0, 0)
         else:
             img = open_image(
-                path, alpha=subset.alpha_mask, draft_size=resized if self.fast_decode else None
+                path,
+                alpha=subset.alpha_mask,
+                draft_size=resized if self.fast_decode else None,
+                expect_size=original_wh,
             )
             pixels = _fit(img, subset, resized, bucket, rng, interpolation, flip)
             crop = conditioning_crop_top_left(original_wh, bucket, flipped=flip)
@@ -266,7 +309,7 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def _face_sample(
         self,
-        path: str,
+        index: int,
         subset: SubsetConfig,
         face: tuple[int, int, int, int],
         bucket: tuple[int, int],
@@ -275,7 +318,9 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         flip: bool,
     ) -> np.ndarray:
         assert subset.face_crop_aug_range is not None
-        img = np.asarray(open_image(path, alpha=subset.alpha_mask))
+        path = self.catalog.paths[index]
+        original_wh = (int(self.catalog.widths[index]), int(self.catalog.heights[index]))
+        img = np.asarray(open_image(path, alpha=subset.alpha_mask, expect_size=original_wh))
         out = face_crop(
             img,
             face_center_wh=(face[0], face[1]),
@@ -566,7 +611,13 @@ def _build(
         for member, good, reason in zip(members, assignment.ok, assignment.reasons, strict=True):
             if not good:
                 problems.append(
-                    Problem(path=catalog.paths[int(member)], reason=reason, stage="bucket")
+                    Problem(
+                        path=catalog.paths[int(member)],
+                        reason=reason,
+                        kind="too_small",
+                        subset=int(catalog.subset[int(member)]),
+                        stage="bucket",
+                    )
                 )
         reports.append(bucket_report(assignment))
     _apply_policy(problems, on_error, source)
@@ -585,6 +636,7 @@ def _build(
         max_train_steps=max_train_steps,
         output=output,
         fast_decode=fast_decode,
+        on_error=on_error,
     )
 
 
@@ -605,6 +657,7 @@ def _finish(
     max_train_steps: int | None,
     output: Output,
     fast_decode: bool,
+    on_error: OnError,
 ) -> StokerDataset:
     owner = _dataset_of(catalog)
     # A batch group is one (dataset, bucket) pair: batches never mix datasets or buckets.
@@ -641,6 +694,7 @@ def _finish(
         max_train_steps=max_train_steps,
         output=output,
         fast_decode=fast_decode,
+        on_error=on_error,
     )
     batches = len(dataset.make_batch_sampler(seed=seed, shuffle=False))
     dataset.report = DatasetReport(
@@ -674,7 +728,10 @@ def _repeats(catalog: Catalog, owner: np.ndarray) -> tuple[np.ndarray, list[str]
 def _subset_summaries(
     catalog: Catalog, repeats: np.ndarray, problems: list[Problem]
 ) -> tuple[SubsetSummary, ...]:
-    missing = [p.path for p in problems if p.reason.startswith("no caption file")]
+    missing = np.zeros(len(catalog.subsets), np.int64)
+    for p in problems:
+        if p.kind == "missing_caption" and p.subset is not None:
+            missing[p.subset] += 1
     summaries = []
     for s, subset in enumerate(catalog.subsets):
         members = catalog.subset == s
@@ -688,7 +745,7 @@ def _subset_summaries(
                 num_repeats=subset.num_repeats,
                 images=int(members.sum()),
                 samples_per_epoch=int(repeats[members].sum()),
-                missing_captions=sum(1 for m in missing if prefix and m.startswith(prefix)),
+                missing_captions=int(missing[s]),
             )
         )
     return tuple(summaries)
