@@ -498,8 +498,10 @@ for _name, _change in {
     "resume_epoch_bool": {"epoch": True},
     "resume_seed_string": {"seed": "0"},
 }.items():
-    CASES[_name] = Case(good, _resume(_change), "error:ValueError", "")
-CASES["resume_other_dataset_same_layout"] = Case(good, _resume({}, True), "error:ValueError", "")
+    CASES[_name] = Case(good, _resume(_change), "error:ValueError", "sampler state")
+CASES["resume_other_dataset_same_layout"] = Case(
+    good, _resume({}, True), "error:ValueError", "different run (dataset"
+)
 
 
 class _SlowDataset(stoker.StokerDataset):

@@ -14,18 +14,7 @@ import pytest
 
 _HERE = Path(__file__).resolve().parent
 # Cases whose fix has not landed yet: they must still fail (strict), and leave this set when fixed.
-_PENDING = {
-    "metadata_with_bom",
-    "min_bucket_reso_above_max",
-    "resolution_not_multiple_of_8",
-    "resume_batches_done_float",
-    "resume_batches_done_none",
-    "resume_batches_done_string",
-    "resume_epoch_absurd",
-    "resume_epoch_bool",
-    "resume_other_dataset_same_layout",
-    "token_warmup_fraction_without_max_steps",
-}
+_PENDING: set[str] = set()
 _PER_PROCESS = 12
 _CASE_SECONDS = 30
 

@@ -13,6 +13,7 @@ skipped, never followed (see ``stoker.data.inputs``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -120,6 +121,17 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self.widths)
+
+    def fingerprint(self) -> str:
+        """A digest of which files, of which sizes, in which subsets: the dataset's identity."""
+        digest = hashlib.blake2b(digest_size=16)
+        for table in (self.paths, self.conditioning):
+            blob, offsets = table.__getstate__()
+            digest.update(blob)
+            digest.update(np.asarray(offsets, "<i8").tobytes())
+        for array in (self.widths, self.heights, self.subset):
+            digest.update(np.asarray(array, "<i8").tobytes())
+        return digest.hexdigest()
 
     def select(self, keep: np.ndarray) -> Catalog:
         """The catalog restricted to the images at the indices in ``keep`` (in that order)."""

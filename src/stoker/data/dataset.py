@@ -21,8 +21,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from stoker.data.buckets import BucketReport, BucketSpec, assign_buckets, bucket_report
-from stoker.data.captions import CaptionRules, process_caption
+from stoker.data.buckets import BucketReport, assign_buckets, bucket_report
+from stoker.data.captions import process_caption
 from stoker.data.catalog import Catalog, Problem, scan_dataset, stderr_progress
 from stoker.data.config import (
     DatasetConfig,
@@ -43,14 +43,13 @@ from stoker.data.images import (
     resize_crop,
 )
 from stoker.data.sampler import BucketBatchSampler, balance_reg_repeats
-from stoker.errors import DatasetError, StokerWarning
+from stoker.errors import ConfigError, DatasetError, StokerWarning
 from stoker.rng import Stream, keyed_rng
 
 __all__ = ["DatasetReport", "StokerDataset", "load_dataset", "passthrough_collate"]
 
 OnError = Literal["raise", "skip", "warn"]
 Output = Literal["float", "uint8"]
-_CAPTION_FIELDS = tuple(f.name for f in dataclasses.fields(CaptionRules))
 # How many other images of the same bucket to try before giving up on a batch slot.
 _REPLACEMENT_TRIES = 8
 
@@ -96,10 +95,6 @@ def passthrough_collate(batch: Any) -> Any:
     return batch
 
 
-def _caption_rules(subset: SubsetConfig) -> CaptionRules:
-    return CaptionRules(**{name: getattr(subset, name) for name in _CAPTION_FIELDS})
-
-
 class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     """Images of one or more sd-scripts datasets with their buckets, repeats and caption rules.
 
@@ -140,10 +135,11 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.max_train_steps = max_train_steps
         self.output = output
         self.fast_decode = fast_decode
-        self.caption_rules = tuple(_caption_rules(s) for s in catalog.subsets)
+        self.caption_rules = tuple(s.caption_rules() for s in catalog.subsets)
         self.has_alpha = any(s.alpha_mask for s in catalog.subsets)
         self.has_conditioning = any(s.conditioning_data_dir is not None for s in catalog.subsets)
         self.decode_problems: list[Problem] = []  # filled in the main process by the loader
+        self._catalog_id: str | None = None
 
     @property
     def report(self) -> DatasetReport:
@@ -187,7 +183,13 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             rank=rank,
             world_size=world_size,
             even_batches=even_batches,
+            dataset_id=self._dataset_id(),
         )
+
+    def _dataset_id(self) -> str:
+        if self._catalog_id is None:
+            self._catalog_id = self.catalog.fingerprint()
+        return self._catalog_id
 
     def __getitem__(self, key: int | tuple[int, int, int, int]) -> dict[str, Any]:
         """One sample as a batch of one; an int means that image at epoch 0, position = image."""
@@ -491,6 +493,7 @@ def load_dataset(
         resolution=resolution,
         overrides=overrides,
     )
+    _check_warmup(group, max_train_steps)
     if threads is None:
         from stoker.budget import cpu_budget
 
@@ -541,11 +544,25 @@ def _read_source(
     return config_from_metadata(source, image_dir=image_dir, **extra)
 
 
+def _check_warmup(group: DatasetGroupConfig, max_train_steps: int | None) -> None:
+    """A token warm-up given as a fraction of training needs the length of training, now."""
+    if max_train_steps is not None:
+        return
+    for dataset in group.datasets:
+        for subset in dataset.subsets:
+            if 0 < subset.token_warmup_step < 1:
+                raise ConfigError(
+                    f"{subset.where}: token_warmup_step = {subset.token_warmup_step} is a fraction "
+                    "of max_train_steps, which is not known; pass load_dataset(..., "
+                    "max_train_steps=N), or give token_warmup_step as a step count (>= 1)"
+                )
+
+
 def _is_dataset_config(path: Path) -> bool:
     import json
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return True  # let the config parser report the problem with the file's name
     return isinstance(data, dict) and ("datasets" in data or "general" in data)
@@ -596,14 +613,7 @@ def _build(
     reports = []
     for d, dataset in enumerate(group.datasets):
         members = np.flatnonzero(_dataset_of(catalog) == d)
-        spec = BucketSpec(
-            resolution=dataset.resolution,
-            enable_bucket=dataset.enable_bucket,
-            min_reso=dataset.min_bucket_reso,
-            max_reso=dataset.max_bucket_reso,
-            reso_steps=dataset.bucket_reso_steps,
-            no_upscale=dataset.bucket_no_upscale,
-        )
+        spec = dataset.bucket_spec()
         sizes = np.stack([catalog.widths[members], catalog.heights[members]], axis=1)
         assignment = assign_buckets(sizes.reshape(-1, 2), spec)
         bucket_wh[members], resized_wh[members] = assignment.bucket_wh, assignment.resized_wh
