@@ -139,7 +139,7 @@ def _alive(pid: int) -> bool:
 
 def test_full_shared_memory_gets_a_fix_in_the_message():
     err = RuntimeError("unable to write to file </torch_81_2934_0>: No space left on device (28)")
-    explained = _explain_failure(err, object(), None)
+    explained = _explain_failure(err, object(), None, 0)  # the real /dev/shm: tests/hostile
     assert isinstance(explained, SharedMemoryFull)
     assert "--shm-size" in str(explained)
 

@@ -525,8 +525,9 @@ def _explain_failure(err: Exception, inner: Any, loader: StokerLoader, index: in
         )
     if any(sign in text for sign in _SHM_SIGNS):
         _shutdown(inner)
+        cause = [line for line in text.splitlines() if line.strip()][-1].strip()
         return SharedMemoryFull(
-            f"workers could not hand batches to the main process: shared memory is full ({text}). "
+            f"workers could not hand batches to the main process: shared memory is full ({cause}). "
             "Give the container more (docker run --shm-size=8g), or use fewer workers, a smaller "
             "prefetch_factor, or output='uint8' (4x fewer bytes per batch)."
         )

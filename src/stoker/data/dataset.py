@@ -216,6 +216,7 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             return {"empty": True, "replaced": replaced, "images": None, "captions": []}
         batch = _collate(samples, float_images=self.output == "float")
         batch["replaced"] = replaced
+        _share_in_worker(batch)
         return batch
 
     # --- one sample ------------------------------------------------------------------------
@@ -415,6 +416,22 @@ def _collate(samples: list[dict[str, Any]], *, float_images: bool) -> dict[str, 
         cond = _channels_first([s["conditioning"] for s in samples])
         batch["conditioning_images"] = to_float_images(cond) if float_images else cond
     return batch
+
+
+def _share_in_worker(batch: dict[str, Any]) -> None:
+    """In a loader worker, move the batch's tensors into shared memory now.
+
+    PyTorch otherwise does it in the worker's queue thread while pickling, where a full /dev/shm
+    only prints "unable to allocate shared memory" and drops the batch: the worker lives on and the
+    training loop waits forever. Here the error is raised in the worker's own loop, reaches the main
+    process within the batch, and the loader turns it into ``SharedMemoryFull``. The copy is the one
+    PyTorch would make anyway (a tensor already in shared memory is sent as is).
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            value.share_memory_()  # type: ignore[no-untyped-call]
 
 
 def _channels_first(pixels: list[np.ndarray]) -> torch.Tensor:
