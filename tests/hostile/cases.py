@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import time
 import zlib
 from collections.abc import Callable
@@ -565,3 +566,71 @@ def _worker_killed(folder: Path) -> list[Problem]:
 @case("error:WorkerFailed", match="SIGKILL", run=_worker_killed)
 def worker_killed_mid_epoch(folder: Path) -> None:
     good(folder, count=16)
+
+
+# --- folders -------------------------------------------------------------------------------------
+
+
+@case("works")
+def repeat_folder_symlink_loop(folder: Path) -> None:
+    good(folder)
+    (folder / "train" / "2_loop").symlink_to(folder / "train" / "2_loop")
+
+
+@case("error:DatasetError", match="image_dir", run=load_toml)
+def image_dir_symlink_loop(folder: Path) -> None:
+    _toml(folder, '[[datasets]]\nresolution = 256\n[[datasets.subsets]]\nimage_dir = "loop"\n')
+    (folder / "loop").symlink_to(folder / "loop")
+
+
+def _as_nobody(folder: Path) -> list[Problem]:
+    """Load as user nobody (root reads anything), in a child process; its outcome is ours."""
+    import shutil
+
+    outside = Path((folder / "where").read_text())
+    try:
+        return _load_as_nobody(outside)
+    finally:
+        for path in outside.rglob("*"):
+            if path.is_dir() and not path.is_symlink():
+                path.chmod(0o755)
+        shutil.rmtree(outside)
+
+
+def _load_as_nobody(folder: Path) -> list[Problem]:
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys, json\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import cases, stoker\n"
+        "from PIL import Image; Image.init()\n"
+        "os.setgid(65534); os.setuid(65534)  # after the imports: nobody cannot read root's home\n"
+        "try:\n"
+        f"    ds = cases.load(cases.Path({str(folder)!r}))\n"
+        "    print(json.dumps(['ok', [[p.kind, p.reason] for p in ds.report.problems]]))\n"
+        "except stoker.StokerError as err:\n"
+        "    print(json.dumps(['error', type(err).__name__, str(err)]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if not done.stdout.strip():
+        raise AssertionError(f"exit {done.returncode}: {done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result[0] == "error":
+        raise getattr(stoker, result[1])(result[2])
+    return [Problem(path="", reason=reason, kind=kind) for kind, reason in result[1]]
+
+
+@case("error:DatasetError", match="permission denied", run=_as_nobody)
+def unreadable_subset_folder(folder: Path) -> None:
+    # Built in a folder of its own that nobody can reach (pytest's temp root is private to root
+    # and re-locked by every pytest run); _as_nobody removes it.
+    outside = Path(tempfile.mkdtemp(prefix="stoker-hostile-"))
+    outside.chmod(0o755)
+    (folder / "where").write_text(str(outside))
+    good(outside)
+    locked = outside / "train" / "1_locked"
+    locked.mkdir()
+    Image.fromarray(pixels(256, 256)).save(locked / "x.jpg")
+    locked.chmod(0o000)
