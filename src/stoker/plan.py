@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from stoker.budget import Budget
+from stoker.system.cpu import Budget
 
 __all__ = [
     "Adjustment",

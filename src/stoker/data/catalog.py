@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,9 +34,10 @@ from stoker.data.inputs import (
     os_reason,
     read_bounded,
 )
-from stoker.errors import DatasetError, Problem, ProblemKind, StokerWarning
+from stoker.errors import DatasetError, Problem, ProblemKind
 from stoker.files import atomic_write_text
 from stoker.progress import progress_bar
+from stoker.warn import warn
 
 __all__ = ["Catalog", "Problem", "StringTable", "scan_dataset", "image_extensions"]
 
@@ -578,9 +578,10 @@ class _ScanCaches:
         if folder not in self._folders:
             entries, why = _read_cache(os.path.join(folder, SCAN_CACHE_NAME))
             if why is not None:
-                _warn(
+                warn(
                     f"ignored the scan cache {os.path.join(folder, SCAN_CACHE_NAME)} ({why}); "
-                    "it is rebuilt from the image headers"
+                    "it is rebuilt from the image headers",
+                    once=False,
                 )
                 self._dirty.add(folder)
             self._folders[folder] = entries
@@ -605,10 +606,11 @@ class _ScanCaches:
             try:
                 atomic_write_text(target, text)
             except OSError as err:
-                _warn(
+                warn(
                     f"could not write the scan cache {target} ({os_reason(err)}); the scan is "
                     "complete, but the next one reads every header again (set cache_info = false "
-                    "to stop trying)"
+                    "to stop trying)",
+                    once=False,
                 )
 
 
@@ -634,10 +636,6 @@ def _read_cache(file: str) -> tuple[dict[str, list[int]], str | None]:
     good = {k: v for k, v in entries.items() if isinstance(k, str) and _valid_entry(v)}
     bad = len(entries) - len(good)
     return good, (f"{bad} entries of the wrong shape" if bad else None)
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, StokerWarning, stacklevel=2)
 
 
 def stderr_progress(label: str) -> Callable[[int, int], None] | None:

@@ -39,7 +39,6 @@ import numbers
 import os
 import re
 import sys
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -52,7 +51,8 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 from stoker.data.buckets import BucketSpec
 from stoker.data.captions import CaptionRules
-from stoker.errors import ConfigError, DatasetError, StokerWarning
+from stoker.errors import ConfigError, DatasetError
+from stoker.warn import warn
 
 __all__ = [
     "DatasetConfig",
@@ -777,12 +777,11 @@ def _drop_duplicates(subsets: list[SubsetConfig]) -> tuple[SubsetConfig, ...]:
         else:
             identity = (subset.image_dir, subset.conditioning_data_dir)
         if identity in first:
-            warnings.warn(
+            warn(
                 f"{subset.where}: ignored, it reads the same data as {first[identity].where} and "
                 "sd-scripts uses only the first of duplicate subsets; raise num_repeats instead "
                 "to see these images more often",
-                StokerWarning,
-                stacklevel=4,
+                once=False,
             )
             continue
         first[identity] = subset
@@ -1078,8 +1077,7 @@ def _warn_skipped(skipped: list[tuple[str, str]]) -> None:
     message = (
         f"left out {len(skipped)} folder(s) that do not follow <repeats>_<class tokens>: {names}"
     )
-    logger.warning(message)
-    warnings.warn(message, StokerWarning, stacklevel=3)
+    warn(message)
 
 
 # --- metadata ------------------------------------------------------------------------------------
@@ -1112,11 +1110,10 @@ def _parse_metadata_jsonl(text: str, label: str) -> dict[str, dict[str, Any]]:
         first_line.setdefault(image, number)
         metadata[image] = _check_metadata_entry(entry, where)
     if repeated:
-        warnings.warn(
+        warn(
             f"{label}: {len(repeated)} image path(s) appear more than once, the last line wins as in "
             f"sd-scripts: {', '.join(repeated[:5])}",
-            StokerWarning,
-            stacklevel=3,
+            once=False,
         )
     return metadata
 
