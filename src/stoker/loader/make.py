@@ -13,7 +13,7 @@ from typing import Any, Literal
 from stoker.data.protocol import BatchingDataset
 from stoker.loader.build import StokerLoader, build_loader
 from stoker.monitor import InputMonitor
-from stoker.plan import LoaderPlan, LoaderRequest
+from stoker.plan import DATALOADER_NAMES, LoaderPlan, LoaderRequest
 from stoker.planning import plan_request, resolve_budget
 from stoker.system.cpu import Budget
 from stoker.tune import LoaderFactory, TuneResult, tune
@@ -22,11 +22,7 @@ __all__ = ["make_loader", "tune_loader"]
 
 # DataLoader's own names for the settings stoker plans, accepted by make_loader as aliases so
 # code written for DataLoader ports over unchanged.
-_ALIASES = {
-    "num_workers": "workers",
-    "persistent_workers": "persistent",
-    "multiprocessing_context": "start_method",
-}
+_ALIASES = {torch: ours for ours, torch in DATALOADER_NAMES.items() if torch != ours}
 
 
 def make_loader(
