@@ -15,6 +15,7 @@ EXPECTED = [
     "LoaderPlan",
     "LoaderRequest",
     "LoaderStats",
+    "LoaderTimeout",
     "MeasuredChoice",
     "Measurement",
     "Problem",

@@ -480,7 +480,7 @@ def _encode_all(
     if total == 0:
         return
     if workers is None:
-        from stoker.budget import cpu_budget
+        from stoker.system.cpu import cpu_budget
 
         workers = cpu_budget().cpus
     loader = make_loader(
@@ -539,15 +539,11 @@ def _encode(
 
 
 def _warn_skipped(path: str, reason: str) -> None:
-    import warnings
+    from stoker.warn import warn
 
-    from stoker.errors import StokerWarning
-
-    warnings.warn(
+    warn(
         f"stoker could not read {path} ({reason}) while caching latents; it has no cache entry. "
-        "Fix or remove the file (stoker scan lists bad files)",
-        StokerWarning,
-        stacklevel=3,
+        "Fix or remove the file (stoker scan lists bad files)"
     )
 
 

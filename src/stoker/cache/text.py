@@ -142,9 +142,7 @@ def _next_script(script: list[int], bounds: list[int]) -> list[int] | None:
 
 def dataset_captions(dataset: Any) -> Iterator[tuple[int, list[str]]]:
     """``(image, its caption variants)`` for every image of ``dataset``."""
-    from stoker.data.dataset import _caption_rules
-
-    rules = [_caption_rules(s) for s in dataset.catalog.subsets]
+    rules = [s.caption_rules() for s in dataset.catalog.subsets]
     for image in range(len(dataset)):
         subset = int(dataset.catalog.subset[image])
         yield image, caption_variants(dataset.catalog.captions[image], rules[subset])
