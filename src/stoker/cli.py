@@ -260,8 +260,6 @@ def _load_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
 
 
 def _run_scan(args: argparse.Namespace) -> int:
-    from stoker.cli_cache import render_cache_state
-
     dataset = _load_from_args(args, on_error="skip", latent_cache=False, text_cache=False)
     report = dataset.report
     latent = args.latent_cache or dataset.datasets[0].latent_cache
@@ -270,7 +268,7 @@ def _run_scan(args: argparse.Namespace) -> int:
         caches = stoker.check_caches(dataset, latent_cache=latent, text_cache=text)
         _print_json({**_jsonable(report), "caches": caches})
         return 1 if report.problems else 0
-    print("\n".join(_render_report(report) + render_cache_state(dataset, latent, text)))
+    print("\n".join(_render_report(report) + _render_cache_state(dataset, latent, text)))
     return 1 if report.problems else 0
 
 
@@ -452,6 +450,138 @@ def _add_tune_parser(sub: Any) -> None:
 # --- main ----------------------------------------------------------------------------------------
 
 
+# --- cache ---------------------------------------------------------------------------------------
+
+
+def _add_cache_parser(sub: Any) -> None:
+    """Register ``stoker cache`` on the subcommand parsers ``sub``."""
+    cache = sub.add_parser(
+        "cache",
+        help="encode a dataset's latents (and text-encoder outputs) into a cache",
+        description="Encode every image (and caption) the cache lacks or holds stale, exactly as "
+        "training loads it, into safetensors shards with one index. Resumable: a killed run "
+        "keeps its shards. Train from it with load_dataset(..., latent_cache=DIR, text_cache=DIR) "
+        "or the same keys in the dataset config. Under torchrun every rank encodes its share.",
+    )
+    _add_source_options(cache)
+    cache.add_argument("--vae", required=True, metavar="DIR", help="AutoencoderKL folder")
+    cache.add_argument(
+        "--text-encoder",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="text encoder folder (repeat for SDXL's two)",
+    )
+    cache.add_argument(
+        "--tokenizer",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="tokenizer folder, one per --text-encoder",
+    )
+    cache.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help="cache folder (default: latent_cache / text_cache of the dataset config)",
+    )
+    cache.add_argument(
+        "--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="storage dtype"
+    )
+    cache.add_argument("--device", default=None, help="where the encoders run (cpu, cuda, ...)")
+    cache.add_argument("--batch-size", type=int, default=None, help="images per VAE call")
+    cache.add_argument("--json", action="store_true", help="print the reports as JSON")
+    cache.set_defaults(run=_run_cache)
+
+
+def _folders(args: argparse.Namespace, dataset: Any) -> tuple[Any, Any]:
+    latent = args.cache_dir or dataset.datasets[0].latent_cache
+    text = args.cache_dir or dataset.datasets[0].text_cache or latent
+    if latent is None:
+        raise ValueError("give --cache-dir DIR, or set latent_cache in the dataset config")
+    return latent, text
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    """Build the caches; exit code 1 when entries are still missing (unreadable images)."""
+    if len(args.text_encoder) != len(args.tokenizer):
+        raise ValueError("give one --tokenizer per --text-encoder")
+    joined = _join_torchrun()
+    try:
+        return _build(args)
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _build(args: argparse.Namespace) -> int:
+    dataset = _load_from_args(args, latent_cache=False, text_cache=False)
+    latent_dir, text_dir = _folders(args, dataset)
+    reports = [
+        stoker.cache_latents(
+            dataset,
+            args.vae,
+            cache_dir=latent_dir,
+            dtype=args.dtype,
+            device=args.device,
+            batch_size=args.batch_size,
+        )
+    ]
+    if args.text_encoder:
+        reports.append(
+            stoker.cache_text_encoder_outputs(
+                dataset,
+                args.text_encoder,
+                args.tokenizer,
+                cache_dir=text_dir,
+                dtype=args.dtype,
+                device=args.device,
+            )
+        )
+    if args.json:
+        _print_json(reports)
+    else:
+        for report in reports:
+            print(f"{report.summary()}; encoded {report.encoded} now, {report.shards} shards")
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def _join_torchrun() -> bool:
+    """Under torchrun, join the process group so each rank encodes its own share; joined?"""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        import torch
+
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        return True
+    return False
+
+
+def _render_cache_state(dataset: Any, latent_cache: Any, text_cache: Any) -> list[str]:
+    """Lines for ``stoker scan``: each configured cache's valid/stale/missing counts."""
+    lines = []
+    for kind, folder in (("latent", latent_cache), ("text", text_cache)):
+        if folder is None:
+            continue
+        try:
+            (report,) = stoker.check_caches(
+                dataset,
+                latent_cache=folder if kind == "latent" else False,
+                text_cache=folder if kind == "text" else False,
+            )
+        except stoker.CacheError as err:
+            lines.append(f"{kind} cache {folder}: cannot be used: {err}")
+            continue
+        state = "ready" if report.ok else "run stoker cache to update it"
+        lines.append(f"{report.summary()} ({state})")
+    return lines
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stoker",
@@ -497,9 +627,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_run_demo)
     _add_bench_parser(sub)
     _add_tune_parser(sub)
-    from stoker.cli_cache import add_cache_parser
-
-    add_cache_parser(sub, _add_source_options)
+    _add_cache_parser(sub)
     return parser
 
 
