@@ -154,7 +154,7 @@ TORCHRUN = textwrap.dedent(
     loader = stoker.make_loader(ds, seed=7, shuffle=True)
     epochs = []
     for epoch in range(2):
-        keys = [[list(k) for k in loader.batch_sampler.epoch_batches(epoch)]]
+        keys = [[list(k) for k in loader.rank_sampler.epoch_batches(epoch)]]
         seen = [(b["image_keys"], len(b["captions"])) for b in loader]
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, {"batches": keys[0], "seen": seen,
@@ -213,3 +213,83 @@ def test_torchrun_two_ranks_split_every_epoch(sample, tmp_path):
         for r in (rank0, rank1):
             assert [len(b) for b in r["batches"]] == [n for _, n in r["seen"]]
             assert r["cpus"] >= 1
+
+
+ACCELERATE = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from accelerate import Accelerator
+    import stoker
+    ds = stoker.load_dataset(sys.argv[1])
+    workers = int(sys.argv[3])
+    accelerator = Accelerator(cpu=True)
+    plain = stoker.make_loader(ds, seed=7, shuffle=True, workers=workers, budget=2)
+    alone = [[b["image_keys"] for b in plain] for _ in range(2)]
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = stoker.make_loader(ds, seed=7, shuffle=True, workers=workers, budget=2)
+    model, optimizer, prepared = accelerator.prepare(model, optimizer, loader)
+    through = [[b["image_keys"] for b in prepared] for _ in range(2)]
+    with open(f"{sys.argv[2]}.{accelerator.process_index}", "w") as f:
+        json.dump({"alone": alone, "prepared": through, "len": len(prepared),
+                   "ranks": accelerator.num_processes, "type": type(prepared).__name__}, f)
+    """
+)
+
+
+def _run_accelerate(script, sample, out, *, ranks: int, workers: int) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("STOKER_CPUS", None)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(name, None)
+    launch = [sys.executable]
+    if ranks > 1:
+        launch += [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={ranks}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+        ]
+    subprocess.run(
+        [*launch, str(script), str(sample.config), str(out), str(workers)],
+        check=True,
+        timeout=300,
+        env=env,
+        capture_output=True,
+    )
+    return [json.loads(out.with_name(f"{out.name}.{r}").read_text()) for r in range(ranks)]
+
+
+@pytest.mark.slow
+@pytest.mark.torchrun
+def test_accelerate_prepare_keeps_every_sample_on_two_ranks(sample, tmp_path):
+    pytest.importorskip("accelerate")
+    script = tmp_path / "train.py"
+    script.write_text(ACCELERATE)
+    results = _run_accelerate(script, sample, tmp_path / "keys.json", ranks=2, workers=1)
+    total = load_dataset(sample.config).report.samples_per_epoch
+    for result in results:
+        assert result["ranks"] == 2 and result["type"] == "DataLoaderShard"
+        # Each rank's epochs through accelerate are exactly its epochs without accelerate.
+        assert result["prepared"] == result["alone"]
+        assert result["len"] == len(result["alone"][0])
+    for epoch in range(2):
+        # Nothing lost, and nothing repeated beyond the padding of the last round (<= 1 batch).
+        delivered = sum(len(b) for r in results for b in r["prepared"][epoch])
+        assert total <= delivered <= total + 2
+        paths = {k for r in results for b in r["prepared"][epoch] for k in b}
+        assert len(paths) == 12  # every image of the sample dataset
+
+
+@pytest.mark.slow
+def test_accelerate_prepare_in_one_process_keeps_the_epoch(sample, tmp_path):
+    pytest.importorskip("accelerate")
+    script = tmp_path / "train.py"
+    script.write_text(ACCELERATE)
+    (result,) = _run_accelerate(script, sample, tmp_path / "keys.json", ranks=1, workers=0)
+    assert result["ranks"] == 1
+    assert result["prepared"] == result["alone"]
+    delivered = sum(len(b) for b in result["prepared"][0])
+    assert delivered == load_dataset(sample.config).report.samples_per_epoch

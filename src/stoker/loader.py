@@ -28,6 +28,7 @@ import torch.multiprocessing
 from torch.utils.data import DataLoader
 
 from stoker.budget import Budget, cpu_budget
+from stoker.data.sampler import AllRanksBatchSampler
 from stoker.errors import SharedMemoryFull, StokerWarning, WorkerFailed
 from stoker.monitor import (
     InputMonitor,
@@ -235,8 +236,23 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
     monitor: InputMonitor | None = None
     _live: Any = None
 
+    @property
+    def rank_sampler(self) -> Any:
+        """What this loader iterates: this rank's batch sampler.
+
+        For stoker datasets ``batch_sampler`` yields every rank's batches
+        (``AllRanksBatchSampler``), so that ``accelerator.prepare(loader)``, which shards
+        ``batch_sampler`` again, keeps every sample; the loader itself takes this rank's share.
+        """
+        return getattr(self.batch_sampler, "rank_sampler", self.batch_sampler)
+
+    @property
+    def _index_sampler(self) -> Any:
+        # torch's DataLoader iterates (and takes len() of) _index_sampler: this rank's batches.
+        return self.rank_sampler
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator over torch's
-        sampler = self.batch_sampler
+        sampler = self.rank_sampler
         consumed = getattr(sampler, "mark_consumed", None)
         monitor = self.monitor
         inner = super().__iter__()
@@ -340,7 +356,7 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
         self._resumable().set_epoch(epoch)
 
     def _resumable(self) -> Any:
-        sampler = self.batch_sampler
+        sampler = self.rank_sampler
         if not callable(getattr(sampler, "state_dict", None)):
             raise TypeError(
                 "this loader's batch sampler cannot save its position; resume needs a stoker "
@@ -457,16 +473,14 @@ def make_loader(
         if getattr(dataset, "seed", seed) != seed:
             dataset = dataset.with_seed(seed)
         env_rank, env_world = distributed_from_env()
-        dataloader_kwargs.setdefault(
-            "batch_sampler",
-            dataset.make_batch_sampler(
-                seed=seed,
-                shuffle=shuffle,
-                rank=env_rank if rank is None else rank,
-                world_size=env_world if world_size is None else world_size,
-                even_batches=even_batches,
-            ),
+        rank_sampler = dataset.make_batch_sampler(
+            seed=seed,
+            shuffle=shuffle,
+            rank=env_rank if rank is None else rank,
+            world_size=env_world if world_size is None else world_size,
+            even_batches=even_batches,
         )
+        dataloader_kwargs.setdefault("batch_sampler", AllRanksBatchSampler(rank_sampler))
         dataloader_kwargs.setdefault("collate_fn", dataset.collate_fn)
         _tell_batch_size_ignored(batch_size, dataset)
         batch_size, shuffle = 1, False
@@ -558,7 +572,7 @@ def _signal_name(number: int) -> str:
 def _what_workers_loaded(inner: Any, loader: StokerLoader, worker_ids: set[int]) -> str:
     """The samples outstanding at the given workers, as image paths when the dataset has them."""
     tasks = getattr(inner, "_task_info", {})
-    sampler = loader.batch_sampler
+    sampler = loader.rank_sampler
     batch_of = getattr(sampler, "batch_of_iteration", None)
     paths = getattr(getattr(loader.dataset, "catalog", None), "paths", None)
     found: list[str] = []
