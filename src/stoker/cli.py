@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -317,17 +318,20 @@ def _bench_workers(text: str, budget_cpus: int) -> list[int]:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from stoker.bench import bench_loader, plot_bench, require_plotting
-    from stoker.data.catalog import stderr_progress
+    from stoker.bench import bench_loader, plot_bench, require_plotting, steady_batches_needed
+    from stoker.progress import progress_bar
 
-    if args.plot:
+    plot = _check_plot_path(args.plot) if args.plot else None
+    if plot is not None:
         require_plotting()  # fail before minutes of measuring, not after
     budget = stoker.cpu_budget()
     workers = _bench_workers(args.workers, budget.cpus)
     if args.batches is not None and args.batches < 1:
         raise ValueError(f"--batches {args.batches} is not valid: use a whole number >= 1")
-    # Enough batches that the prefetch warm-up (workers x 2 batches) is a small part of the run.
-    batches = args.batches or max(10, 6 * max(workers))
+    if args.repeats < 1:
+        raise ValueError(f"--repeats {args.repeats} is not valid: use a whole number >= 1")
+    # Enough batches that batches queued ahead cannot inflate the rate (bench.steady_batches_needed).
+    batches = args.batches or max(steady_batches_needed(w) for w in workers)
     dataset = _load_from_args(args, on_error="skip", output=args.output)
     report = bench_loader(
         dataset,
@@ -337,36 +341,81 @@ def _run_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         source=str(args.source),
         budget_cpus=budget.cpus,
-        progress=stderr_progress("stoker: bench"),
+        progress=progress_bar("stoker: bench", unit="batches"),
     )
-    if args.plot:
-        plot_bench(report, args.plot)
+    planned = stoker.plan_loader(budget=budget, warn=False).num_workers
     if args.json:
         _print_json(report)
-        return 0
-    print("\n".join(_render_bench(report, args.plot)))
+    else:
+        print("\n".join(_render_bench(report, planned)))
+    if plot is not None:
+        try:
+            plot_bench(report, plot, planned_workers=planned)
+        except OSError as err:
+            raise StokerError(f"--plot {plot}: could not write the plot: {err.strerror}") from None
+        if not args.json:
+            print(f"Plot: {plot}")
     return 0
 
 
-def _render_bench(report: Any, plot: str | None) -> list[str]:
+def _check_plot_path(text: str) -> Path:
+    """The plot's path, checked before measuring: its folder exists and can be written."""
+    path = Path(text)
+    folder = path.parent
+    if not folder.is_dir():
+        raise StokerError(
+            f"--plot {text}: the folder {folder} does not exist; create it or pick another path"
+        )
+    if path.is_dir():
+        raise StokerError(f"--plot {text} is a folder; give a file name such as bench.png")
+    if not os.access(folder, os.W_OK):
+        raise StokerError(f"--plot {text}: the folder {folder} cannot be written")
+    return path
+
+
+def _render_bench(report: Any, planned_workers: int | None = None) -> list[str]:
+    from stoker.bench import steady_batches_needed
+
     mib = 2**20
+    first = report.measurements[0]
     lines = [
-        f"{report.source}: CPU budget {report.budget_cpus}, "
-        f"{report.measurements[0].batches} batches per run, {report.repeats} run(s) each (median)",
-        "  workers  start   images/s  first batch s  workers PSS MiB  total PSS MiB",
+        f"{report.source}: CPU budget {_plural(report.budget_cpus, 'CPU')}, "
+        f"{_plural(first.batches, 'batch', 'batches')} per run (the first workers x 2 are "
+        f"warm-up, not timed), {_plural(report.repeats, 'run')} per setting",
+        "   workers  start   images/s  lowest-highest  first batch s  workers MiB  total MiB",
     ]
     for m in report.measurements:
         workers_pss = "-" if m.worker_pss_bytes is None else f"{m.worker_pss_bytes / mib:.0f}"
         total_pss = "-" if m.total_pss_bytes is None else f"{m.total_pss_bytes / mib:.0f}"
+        rates = m.run_images_per_second or (m.images_per_second,)
+        spread = f"{rates[0]:.1f}-{rates[-1]:.1f}" if len(rates) > 1 else "-"
+        flag = "?" if m.caveats else " "
+        mark = "*" if m.workers == planned_workers else " "
         lines.append(
-            f"  {m.workers:>7}  {m.start_method or '-':<6} {m.images_per_second:9.1f} "
-            f"{m.first_batch_seconds:14.2f} {workers_pss:>16} {total_pss:>14}"
+            f" {mark} {m.workers:>7}  {m.start_method or '-':<6} {m.images_per_second:8.1f}{flag}"
+            f" {spread:>15} {m.first_batch_seconds:14.2f} {workers_pss:>12} {total_pss:>10}"
         )
+    if planned_workers is not None:
+        lines.append(f"  * stoker's default for this budget (workers={planned_workers})")
+    lines += [f"Note: {note}" for note in report.notes]
+    caveats = [(m, c) for m in report.measurements for c in m.caveats]
+    if caveats:
+        lines.append("? Not reliable:")
+        lines += [f"  {_plural(m.workers, 'worker')}: {c}" for m, c in caveats]
+        if any(m.batches < steady_batches_needed(m.workers) for m, _ in caveats):
+            lines.append("  (--batches sets the batches per run, --repeats the runs)")
     best = report.best()
-    lines.append(f"Fastest: {best.workers} workers ({best.images_per_second:.1f} images/s).")
-    if plot:
-        lines.append(f"Plot: {plot}")
+    verdict = "" if report.reliable else " (not reliable, see above)"
+    lines.append(
+        f"Fastest: {_plural(best.workers, 'worker')} ({best.images_per_second:.1f} images/s)"
+        f"{verdict}."
+    )
     return lines
+
+
+def _plural(count: int, noun: str, plural: str | None = None) -> str:
+    """``1 CPU``, ``2 CPUs``; ``plural`` for irregular nouns (``batch``/``batches``)."""
+    return f"{count} {noun if count == 1 else (plural or noun + 's')}"
 
 
 # --- tune ----------------------------------------------------------------------------------------
@@ -509,9 +558,15 @@ def _add_bench_parser(sub: Any) -> None:
         help="worker counts to measure (auto: 0 to the CPU budget)",
     )
     bench.add_argument(
-        "--batches", type=int, default=None, help="batches per run (default: 6 x most workers)"
+        "--batches",
+        type=int,
+        default=None,
+        help="batches per run (default: enough that batches prefetched ahead cannot inflate the "
+        "rate by more than a seventh: the warm-up plus 8x it, at least 20)",
     )
-    bench.add_argument("--repeats", type=int, default=1, help="runs per setting (median kept)")
+    bench.add_argument(
+        "--repeats", type=int, default=3, help="runs per setting; the median is shown (default 3)"
+    )
     bench.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), default=None)
     bench.add_argument(
         "--output", choices=("float", "uint8"), default="float", help="images as float or uint8"

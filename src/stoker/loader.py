@@ -249,7 +249,9 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
     @property
     def _index_sampler(self) -> Any:
         # torch's DataLoader iterates (and takes len() of) _index_sampler: this rank's batches.
-        return self.rank_sampler
+        if isinstance(self.batch_sampler, AllRanksBatchSampler):
+            return self.batch_sampler.rank_sampler
+        return super()._index_sampler
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator over torch's
         sampler = self.rank_sampler
