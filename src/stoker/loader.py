@@ -447,9 +447,12 @@ def make_loader(
         timeout=timeout,
         start_method=settings["start_method"],
     )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise ValueError(f"seed={seed!r} is not valid: use a whole number (e.g. seed=42) or None")
     if seed is None:
         seed = getattr(dataset, "seed", None)
         seed = secrets.randbits(63) if seed is None else seed
+    seed = int(seed)
     measured = None
     if "auto" in (request.workers, request.prefetch_factor) and hasattr(dataset, "__len__"):
         # Deferred import: tune builds its probe loaders with make_loader (tune -> loader).

@@ -673,11 +673,28 @@ def dataset_fingerprint(dataset: Any) -> str | None:
         type(dataset).__qualname__,
         getattr(dataset, "output", None),
         getattr(dataset, "fast_decode", None),
-        repr(getattr(catalog, "subsets", ())),
-        repr(getattr(dataset, "datasets", ())),
+        repr(_spelling_free(getattr(catalog, "subsets", ()))),
+        repr(_spelling_free(getattr(dataset, "datasets", ()))),
     )
     digest.update(repr(settings).encode())
     return digest.hexdigest()
+
+
+def _spelling_free(value: Any) -> Any:
+    """Config records without their ``where`` (the source path as the caller spelled it), so
+    ``ds/x.toml`` and ``/abs/ds/x.toml`` share one cache entry; image paths are already absolute."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (
+            type(value).__qualname__,
+            tuple(
+                (f.name, _spelling_free(getattr(value, f.name)))
+                for f in dataclasses.fields(value)
+                if f.name != "where"
+            ),
+        )
+    if isinstance(value, (tuple, list)):
+        return tuple(_spelling_free(v) for v in value)
+    return value
 
 
 def _cache_key(

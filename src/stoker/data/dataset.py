@@ -90,6 +90,51 @@ class DatasetReport:
     buckets: tuple[BucketReport, ...]
     notes: tuple[str, ...] = ()
 
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+    def lines(self) -> list[str]:
+        """The report as ``stoker scan`` prints it: one line per subset, note, bucket, problem."""
+        lines = [
+            f"{_counted(self.images, 'image')}, {_counted(self.samples_per_epoch, 'sample')} per "
+            f"epoch (with repeats), {_counted(self.batches_per_epoch, 'batch', 'batches')} per "
+            "epoch",
+            "Subsets:",
+        ]
+        train = sum(s.samples_per_epoch for s in self.subsets if not s.is_reg)
+        for sub in self.subsets:
+            kind = "reg  " if sub.is_reg else "train"
+            line = (
+                f"  {kind} {sub.images:>6} {'image ' if sub.images == 1 else 'images'} "
+                f"x{sub.num_repeats:<3} -> {sub.samples_per_epoch:>7} samples  {sub.folder}"
+            )
+            if sub.missing_captions:
+                line += f"  ({sub.missing_captions} without caption)"
+            if sub.is_reg and sub.samples_per_epoch != sub.images * sub.num_repeats:
+                line += (
+                    f"  (balanced: as sd-scripts does, regularisation images are repeated to "
+                    f"match the {train} training samples, not x{sub.num_repeats})"
+                )
+            lines.append(line)
+        lines += [f"Note: {note}" for note in self.notes]
+        for d, buckets in enumerate(self.buckets):
+            lines.append(
+                f"Buckets of dataset {d + 1} (mean aspect error {buckets.mean_ar_error:.4f}):"
+            )
+            lines += [
+                f"  {b.width:>5} x {b.height:<5} {b.count:>7} {'image ' if b.count == 1 else 'images'}"
+                f"  aspect error {b.mean_ar_error:+.4f}"
+                for b in buckets.buckets
+            ]
+        if self.problems:
+            lines.append(f"Problems ({len(self.problems)}):")
+            lines += [f"  {p.path}: {p.reason} [{p.action}]" for p in self.problems]
+        return lines
+
+
+def _counted(count: int, noun: str, plural: str | None = None) -> str:
+    return f"{count} {noun if count == 1 else (plural or noun + 's')}"
+
 
 def passthrough_collate(batch: Any) -> Any:
     """``collate_fn`` for datasets whose ``__getitems__`` already returns a whole batch."""
@@ -491,9 +536,18 @@ def _read_source(
         source.suffix.lower() == ".json" and _is_dataset_config(source)
     ):
         return parse_dataset_config(source, **extra)
+    if source.suffix.lower() not in (".json", ".jsonl"):
+        what = "an image" if source.suffix.lower() in _IMAGE_SUFFIXES else "not a dataset source"
+        raise DatasetError(
+            f"{source} is {what}; give the train_data_dir that holds its N_name folders, a "
+            "dataset config (.toml/.json), or fine-tuning metadata (.json/.jsonl)"
+        )
     if resolution is None:
         raise DatasetError(f"{source} is fine-tuning metadata: give resolution= (e.g. 1024)")
     return config_from_metadata(source, image_dir=image_dir, **extra)
+
+
+_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 def _is_dataset_config(path: Path) -> bool:

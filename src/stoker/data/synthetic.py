@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["SampleDataset", "write_sample_dataset", "write_image"]
+__all__ = ["SampleDataset", "is_sample_dataset", "write_image", "write_sample_dataset"]
 
 # (width, height) pairs of common photo and render shapes, landscape, portrait and square.
 _SHAPES = ((640, 480), (480, 640), (512, 512), (768, 432), (432, 768), (600, 400), (400, 600))
@@ -83,8 +83,22 @@ def write_sample_dataset(
     return SampleDataset(root=root, train_data_dir=train, config=config, images=images)
 
 
+_HEADER = "# Written by stoker's sample dataset: an sd-scripts dataset config."
+
+
+def is_sample_dataset(root: str | Path) -> bool:
+    """Whether ``root`` holds only what ``write_sample_dataset`` writes (safe to write again)."""
+    root = Path(root)
+    try:
+        names = {entry.name for entry in root.iterdir()}
+        head = (root / "dataset.toml").read_text(encoding="utf-8").splitlines()[:1]
+    except (OSError, UnicodeDecodeError):
+        return False
+    return head == [_HEADER] and names <= {"dataset.toml", "train", "reg"}
+
+
 def _config_text(resolution: int) -> str:
-    return f"""# Written by stoker's sample dataset: an sd-scripts dataset config.
+    return f"""{_HEADER}
 [general]
 enable_bucket = true
 shuffle_caption = true
