@@ -670,15 +670,7 @@ def _finish(
     batch_sizes = np.array([group.datasets[o].batch_size for o in group_owner], np.int64)
     repeats, notes = _repeats(catalog, owner)
     if int(repeats.sum()) == 0:
-        only_reg = all(s.is_reg for s in catalog.subsets)
-        raise DatasetError(
-            "nothing to train on: "
-            + (
-                "there are only regularisation subsets (is_reg = true); add a training subset"
-                if only_reg
-                else "every subset has num_repeats = 0; set num_repeats >= 1"
-            )
-        )
+        raise DatasetError("nothing to train on: " + _why_nothing_to_train(catalog))
     notes += [f"skipped folder {name}: {why}" for name, why in group.skipped_dirs]
     dataset = StokerDataset(
         catalog=catalog,
@@ -707,6 +699,22 @@ def _finish(
         notes=tuple(notes),
     )
     return dataset
+
+
+def _why_nothing_to_train(catalog: Catalog) -> str:
+    train = [i for i, s in enumerate(catalog.subsets) if not s.is_reg]
+    if not train:
+        return "there are only regularisation subsets (is_reg = true); add a training subset"
+    used = set(np.unique(catalog.subset).tolist())
+    if not used & set(train):
+        folders = ", ".join(
+            str(catalog.subsets[i].image_dir or catalog.subsets[i].metadata_file) for i in train
+        )
+        return (
+            f"the training subsets have no usable images ({folders}), and regularisation "
+            "images are balanced to the training samples, so they count 0 too; add images"
+        )
+    return "every training subset has num_repeats = 0; set num_repeats >= 1"
 
 
 def _repeats(catalog: Catalog, owner: np.ndarray) -> tuple[np.ndarray, list[str]]:
