@@ -293,3 +293,96 @@ def test_accelerate_prepare_in_one_process_keeps_the_epoch(sample, tmp_path):
     assert result["prepared"] == result["alone"]
     delivered = sum(len(b) for b in result["prepared"][0])
     assert delivered == load_dataset(sample.config).report.samples_per_epoch
+
+
+def test_a_loader_sharded_for_other_ranks_than_the_process_group_warns(sample):
+    import torch.distributed as dist
+
+    from stoker import StokerWarning
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+    try:
+        ds = load_dataset(sample.config)
+        inside = make_loader(ds, seed=1, workers=0)  # takes its ranks from the running group
+        assert (inside.rank_sampler.rank, inside.rank_sampler.world_size) == (0, 1)
+        next(iter(inside))
+        stale = make_loader(ds, seed=1, workers=0, rank=1, world_size=2)
+        with pytest.warns(StokerWarning, match=r"made for rank 1 of 2, but torch.distributed"):
+            next(iter(stale))
+    finally:
+        dist.destroy_process_group()
+
+
+LIGHTNING = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import lightning as L
+    import stoker
+
+    class Data(L.LightningDataModule):
+        def train_dataloader(self):  # after the process group starts: stoker reads its ranks
+            return stoker.make_loader(stoker.load_dataset(sys.argv[1]), seed=7, shuffle=True,
+                                      workers=0)
+
+    class Model(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+            self.seen = []
+        def training_step(self, batch, index):
+            self.seen.append(batch["image_keys"])
+            return self.layer(torch.zeros(1, 2)).sum()
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    settings = {} if sys.argv[3] == "default" else {"use_distributed_sampler": False}
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, **settings)
+    model = Model()
+    result = {}
+    try:
+        trainer.fit(model, datamodule=Data())
+        ds = stoker.load_dataset(sys.argv[1])
+        alone = stoker.make_loader(ds, seed=7, shuffle=True, workers=0,
+                                   rank=trainer.global_rank, world_size=2)
+        result = {"seen": model.seen, "alone": [b["image_keys"] for b in alone]}
+    except TypeError as err:
+        result = {"error": str(err)}
+    with open(f"{sys.argv[2]}.{trainer.global_rank}", "w") as f:
+        json.dump(result, f)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.torchrun
+@pytest.mark.parametrize("mode", ["default", "use_distributed_sampler=False"])
+def test_lightning_ddp_keeps_every_sample_or_says_what_to_do(sample, tmp_path, mode):
+    pytest.importorskip("lightning")
+    script = tmp_path / "fit.py"
+    script.write_text(LIGHTNING)
+    out = tmp_path / "seen.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("STOKER_CPUS", None)
+    subprocess.run(
+        [sys.executable, str(script), str(sample.config), str(out), mode.split("=")[0]],
+        check=True,
+        timeout=300,
+        env=env,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    results = [json.loads(out.with_name(f"{out.name}.{r}").read_text()) for r in range(2)]
+    if mode == "default":
+        # Lightning refuses at once, before any step, and names the fix.
+        for result in results:
+            assert "use_distributed_sampler=False" in result["error"]
+        return
+    for result in results:
+        assert result["seen"] == result["alone"]  # exactly stoker's shard for that rank
+    delivered = sum(len(b) for r in results for b in r["seen"])
+    assert delivered >= load_dataset(sample.config).report.samples_per_epoch

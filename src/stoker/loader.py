@@ -180,6 +180,40 @@ def _tell_batch_size_ignored(batch_size: int | None, dataset: Any) -> None:
     )
 
 
+def distributed_ranks(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` of the running process group when there is one (Lightning starts
+    it before ``train_dataloader()``), else ``distributed_from_env``."""
+    group = _process_group() if environ is None else None
+    return group if group is not None else distributed_from_env(environ)
+
+
+def _process_group() -> tuple[int, int] | None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def _warn_if_ranks_disagree(sampler: Any) -> None:
+    """Warn once when the loader was sharded for other ranks than the running process group."""
+    group = _process_group()
+    mine = (getattr(sampler, "rank", None), getattr(sampler, "world_size", None))
+    if group is None or mine[1] is None or mine == group:
+        return
+    message = (
+        f"this loader was made for rank {mine[0]} of {mine[1]}, but torch.distributed runs "
+        f"rank {group[0]} of {group[1]}, so ranks will load overlapping or missing data. Make "
+        "the loader after the process group starts (with Lightning: in train_dataloader()), "
+        "or pass make_loader(..., rank=, world_size=)"
+    )
+    key = ("ranks", repr(mine), repr(group), "")
+    if key not in _told:
+        _told.add(key)
+        logger.warning(message)
+        warnings.warn(message, StokerWarning, stacklevel=_user_stacklevel())
+
+
 def distributed_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
     """``(rank, world_size)`` from torchrun/accelerate's ``RANK`` and ``WORLD_SIZE``; else (0, 1)."""
     env = os.environ if environ is None else environ
@@ -255,6 +289,7 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator over torch's
         sampler = self.rank_sampler
+        _warn_if_ranks_disagree(sampler)
         consumed = getattr(sampler, "mark_consumed", None)
         monitor = self.monitor
         inner = super().__iter__()
@@ -477,7 +512,7 @@ def make_loader(
         # stoker datasets batch by bucket themselves; batch_size and shuffle go to their sampler.
         if getattr(dataset, "seed", seed) != seed:
             dataset = dataset.with_seed(seed)
-        env_rank, env_world = distributed_from_env()
+        env_rank, env_world = distributed_ranks()
         rank_sampler = dataset.make_batch_sampler(
             seed=seed,
             shuffle=shuffle,
