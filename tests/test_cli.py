@@ -252,7 +252,7 @@ def test_readme_first_example_warns_once(tmp_path, monkeypatch):
     from stoker.data.synthetic import write_sample_dataset
 
     monkeypatch.setenv("STOKER_CPUS", "1")
-    monkeypatch.setattr("stoker.loader._cuda_available", lambda: False)
+    monkeypatch.setattr("stoker.planning.cuda_available", lambda: False)
     sample = write_sample_dataset(tmp_path / "s", images=4)
     dataset = stoker.load_dataset(sample.config)
     with pytest.warns(stoker.StokerWarning) as told:
@@ -264,7 +264,9 @@ def test_readme_first_example_warns_once(tmp_path, monkeypatch):
 def test_tune_cache_key_does_not_depend_on_how_the_path_is_spelled(tmp_path, monkeypatch):
     from stoker import load_dataset
     from stoker.data.synthetic import write_sample_dataset
-    from stoker.tune import dataset_fingerprint
+
+    def dataset_fingerprint(dataset):
+        return dataset.fingerprint()
 
     sample = write_sample_dataset(tmp_path / "s", images=4)
     monkeypatch.chdir(tmp_path)

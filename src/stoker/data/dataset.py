@@ -11,8 +11,8 @@ it, how many workers there are, or how they were started.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +43,9 @@ from stoker.data.images import (
     resize_crop,
 )
 from stoker.data.sampler import BucketBatchSampler, balance_reg_repeats
-from stoker.errors import DatasetError, StokerWarning
+from stoker.errors import DatasetError
 from stoker.rng import Stream, keyed_rng
+from stoker.warn import warn
 
 __all__ = ["DatasetReport", "StokerDataset", "load_dataset", "passthrough_collate"]
 
@@ -130,6 +131,23 @@ class DatasetReport:
             lines.append(f"Problems ({len(self.problems)}):")
             lines += [f"  {p.path}: {p.reason} [{p.action}]" for p in self.problems]
         return lines
+
+
+def _spelling_free(value: Any) -> Any:
+    """Config records without their ``where`` (the source path as the caller spelled it), so
+    ``ds/x.toml`` and ``/abs/ds/x.toml`` share one fingerprint; image paths are already absolute."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (
+            type(value).__qualname__,
+            tuple(
+                (f.name, _spelling_free(getattr(value, f.name)))
+                for f in dataclasses.fields(value)
+                if f.name != "where"
+            ),
+        )
+    if isinstance(value, (tuple, list)):
+        return tuple(_spelling_free(v) for v in value)
+    return value
 
 
 def _counted(count: int, noun: str, plural: str | None = None) -> str:
@@ -218,6 +236,37 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             world_size=world_size,
             even_batches=even_batches,
         )
+
+    def batch_sizes_in_use(self) -> list[int]:
+        """The distinct batch sizes of its datasets' configs."""
+        return sorted({int(b) for b in self.batch_sizes})
+
+    def fingerprint(self) -> str:
+        """A digest of what makes loading it fast or slow: batch layout, paths, image sizes,
+        buckets and every subset setting (the tuner's remembered choice is keyed on it)."""
+        catalog = self.catalog
+        digest = hashlib.blake2b(digest_size=16)
+        sampler = self.make_batch_sampler(seed=0, shuffle=False)
+        digest.update(str(sampler.state_dict()["fingerprint"]).encode())
+        blob, offsets = catalog.paths.__getstate__()
+        digest.update(blob)
+        digest.update(np.asarray(offsets, "<i8").tobytes())
+        for array in (catalog.widths, catalog.heights, self.bucket_wh, self.resized_wh):
+            digest.update(np.asarray(array, "<i8").tobytes())
+        settings = (
+            type(self).__qualname__,
+            self.output,
+            self.fast_decode,
+            repr(_spelling_free(catalog.subsets)),
+            repr(_spelling_free(self.datasets)),
+        )
+        digest.update(repr(settings).encode())
+        return digest.hexdigest()
+
+    def sample_paths(self, batch: Sequence[Any]) -> list[str]:
+        """The image files behind one batch of its sampler (keys are (epoch, position, image,
+        step))."""
+        return [self.catalog.paths[int(key[2])] for key in batch]
 
     def __getitem__(self, key: int | tuple[int, int, int, int]) -> dict[str, Any]:
         """One sample as a batch of one; an int means that image at epoch 0, position = image."""
@@ -492,7 +541,7 @@ def load_dataset(
         overrides=overrides,
     )
     if threads is None:
-        from stoker.budget import cpu_budget
+        from stoker.system.cpu import cpu_budget
 
         threads = cpu_budget().cpus
     catalog, problems = scan_dataset(
@@ -775,10 +824,9 @@ def _apply_policy(problems: Sequence[Problem], on_error: OnError, source: Path) 
             "Fix or remove these files, or load with on_error='warn' to skip them."
         )
     if on_error == "warn":
-        warnings.warn(
+        warn(
             f"stoker skipped {len(skipped)} files and worked around {len(problems) - len(skipped)} "
             f"caption problems in {source}{_problem_summary(problems, 3)}; "
             "the full list is in dataset.report.problems (or run: stoker scan)",
-            StokerWarning,
-            stacklevel=4,
+            once=False,
         )
