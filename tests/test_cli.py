@@ -214,13 +214,12 @@ def test_help_texts_are_plain(capsys):
     assert "how worker processes start" in " ".join(capsys.readouterr().out.split())
 
 
-def test_demo_refuses_a_folder_with_other_files_and_an_unwritable_one(tmp_path, capsys):
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "notes.txt").write_text("keep me")
+def test_demo_refuses_a_file_and_an_unwritable_folder(tmp_path, capsys):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("keep me")
     assert main(["demo", "--out", str(mine)]) == 1
-    assert "is not empty" in capsys.readouterr().err
-    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert mine.read_text() == "keep me"
     assert main(["demo", "--out", "/proc/nope"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("stoker: error: --out /proc/nope: could not write the sample dataset")
@@ -324,3 +323,21 @@ def test_the_installed_console_script_gives_one_line_errors(tmp_path):
         assert done.returncode == 1, done.stderr
         assert done.stderr.startswith("stoker: error: ") and expected in done.stderr
         assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_demo_never_overwrites_a_users_files(tmp_path, capsys):
+    from stoker.cli import main
+
+    (tmp_path / "dataset.toml").write_text("# my own config\n")
+    assert main(["demo", "--out", str(tmp_path), "--images", "4", "--workers", "0"]) == 2
+    assert (tmp_path / "dataset.toml").read_text() == "# my own config\n"
+    assert "would overwrite (dataset.toml)" in capsys.readouterr().err
+    assert not (tmp_path / "train").exists()  # nothing written at all
+
+
+def test_demo_can_be_run_again_into_its_own_folder(tmp_path):
+    from stoker.data.synthetic import write_sample_dataset
+
+    first = write_sample_dataset(tmp_path / "demo", images=4)
+    again = write_sample_dataset(tmp_path / "demo", images=4)  # same bytes: nothing to refuse
+    assert again.config.read_bytes() == first.config.read_bytes()

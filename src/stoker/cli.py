@@ -196,18 +196,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_folder(text: str) -> Path:
-    """The demo's folder: new, empty, or an earlier demo's (never someone's files)."""
+    """The demo's folder; the sample writer itself refuses to replace anyone's files."""
     out = Path(text)
     if out.exists() and not out.is_dir():
         raise StokerError(f"--out {text} is a file; give a folder for the sample dataset")
-    if out.is_dir() and any(out.iterdir()):
-        from stoker.data.synthetic import is_sample_dataset
-
-        if not is_sample_dataset(out):
-            raise StokerError(
-                f"--out {text} is not empty, and the demo would write dataset.toml and image "
-                "folders into it; give a new folder (e.g. --out stoker-demo)"
-            )
     return out
 
 
