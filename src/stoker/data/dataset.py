@@ -90,6 +90,68 @@ class DatasetReport:
     buckets: tuple[BucketReport, ...]
     notes: tuple[str, ...] = ()
 
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+    def lines(self) -> list[str]:
+        """The report as ``stoker scan`` prints it: one line per subset, note, bucket, problem."""
+        lines = [
+            f"{_counted(self.images, 'image')}, {_counted(self.samples_per_epoch, 'sample')} per "
+            f"epoch (with repeats), {_counted(self.batches_per_epoch, 'batch', 'batches')} per "
+            "epoch",
+            "Subsets:",
+        ]
+        train = sum(s.samples_per_epoch for s in self.subsets if not s.is_reg)
+        for sub in self.subsets:
+            kind = "reg  " if sub.is_reg else "train"
+            line = (
+                f"  {kind} {sub.images:>6} {'image ' if sub.images == 1 else 'images'} "
+                f"x{sub.num_repeats:<3} -> {sub.samples_per_epoch:>7} samples  {sub.folder}"
+            )
+            if sub.missing_captions:
+                line += f"  ({sub.missing_captions} without caption)"
+            if sub.is_reg and sub.samples_per_epoch != sub.images * sub.num_repeats:
+                line += (
+                    f"  (balanced: as sd-scripts does, regularisation images are repeated to "
+                    f"match the {train} training samples, not x{sub.num_repeats})"
+                )
+            lines.append(line)
+        lines += [f"Note: {note}" for note in self.notes]
+        for d, buckets in enumerate(self.buckets):
+            lines.append(
+                f"Buckets of dataset {d + 1} (mean aspect error {buckets.mean_ar_error:.4f}):"
+            )
+            lines += [
+                f"  {b.width:>5} x {b.height:<5} {b.count:>7} {'image ' if b.count == 1 else 'images'}"
+                f"  aspect error {b.mean_ar_error:+.4f}"
+                for b in buckets.buckets
+            ]
+        if self.problems:
+            lines.append(f"Problems ({len(self.problems)}):")
+            lines += [f"  {p.path}: {p.reason} [{p.action}]" for p in self.problems]
+        return lines
+
+
+def _spelling_free(value: Any) -> Any:
+    """Config records without their ``where`` (the source path as the caller spelled it), so
+    ``ds/x.toml`` and ``/abs/ds/x.toml`` share one fingerprint; image paths are already absolute."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (
+            type(value).__qualname__,
+            tuple(
+                (f.name, _spelling_free(getattr(value, f.name)))
+                for f in dataclasses.fields(value)
+                if f.name != "where"
+            ),
+        )
+    if isinstance(value, (tuple, list)):
+        return tuple(_spelling_free(v) for v in value)
+    return value
+
+
+def _counted(count: int, noun: str, plural: str | None = None) -> str:
+    return f"{count} {noun if count == 1 else (plural or noun + 's')}"
+
 
 def passthrough_collate(batch: Any) -> Any:
     """``collate_fn`` for datasets whose ``__getitems__`` already returns a whole batch."""
@@ -212,8 +274,8 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             type(self).__qualname__,
             self.output,
             self.fast_decode,
-            repr(catalog.subsets),
-            repr(self.datasets),
+            repr(_spelling_free(catalog.subsets)),
+            repr(_spelling_free(self.datasets)),
         )
         digest.update(repr(settings).encode())
         return digest.hexdigest()
@@ -588,9 +650,18 @@ def _read_source(
         source.suffix.lower() == ".json" and _is_dataset_config(source)
     ):
         return parse_dataset_config(source, **extra)
+    if source.suffix.lower() not in (".json", ".jsonl"):
+        what = "an image" if source.suffix.lower() in _IMAGE_SUFFIXES else "not a dataset source"
+        raise DatasetError(
+            f"{source} is {what}; give the train_data_dir that holds its N_name folders, a "
+            "dataset config (.toml/.json), or fine-tuning metadata (.json/.jsonl)"
+        )
     if resolution is None:
         raise DatasetError(f"{source} is fine-tuning metadata: give resolution= (e.g. 1024)")
     return config_from_metadata(source, image_dir=image_dir, **extra)
+
+
+_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 def _check_warmup(group: DatasetGroupConfig, max_train_steps: int | None) -> None:
@@ -728,15 +799,7 @@ def _finish(
     batch_sizes = np.array([group.datasets[o].batch_size for o in group_owner], np.int64)
     repeats, notes = _repeats(catalog, owner)
     if int(repeats.sum()) == 0:
-        only_reg = all(s.is_reg for s in catalog.subsets)
-        raise DatasetError(
-            "nothing to train on: "
-            + (
-                "there are only regularisation subsets (is_reg = true); add a training subset"
-                if only_reg
-                else "every subset has num_repeats = 0; set num_repeats >= 1"
-            )
-        )
+        raise DatasetError("nothing to train on: " + _why_nothing_to_train(catalog))
     notes += [f"skipped folder {name}: {why}" for name, why in group.skipped_dirs]
     dataset = StokerDataset(
         catalog=catalog,
@@ -766,6 +829,22 @@ def _finish(
         notes=tuple(notes),
     )
     return dataset
+
+
+def _why_nothing_to_train(catalog: Catalog) -> str:
+    train = [i for i, s in enumerate(catalog.subsets) if not s.is_reg]
+    if not train:
+        return "there are only regularisation subsets (is_reg = true); add a training subset"
+    used = set(np.unique(catalog.subset).tolist())
+    if not used & set(train):
+        folders = ", ".join(
+            str(catalog.subsets[i].image_dir or catalog.subsets[i].metadata_file) for i in train
+        )
+        return (
+            f"the training subsets have no usable images ({folders}), and regularisation "
+            "images are balanced to the training samples, so they count 0 too; add images"
+        )
+    return "every training subset has num_repeats = 0; set num_repeats >= 1"
 
 
 def _repeats(catalog: Catalog, owner: np.ndarray) -> tuple[np.ndarray, list[str]]:
