@@ -393,17 +393,21 @@ def _cli_words(message: str) -> str:
 
 
 def _run_scan(args: argparse.Namespace) -> int:
+    from stoker.cli_cache import render_cache_state
     from stoker.data.scan_checks import check_dataset
 
-    dataset = _load_from_args(args, on_error="skip")
+    dataset = _load_from_args(args, on_error="skip", latent_cache=False, text_cache=False)
     report = dataset.report
     findings = check_dataset(dataset)
     failed = bool(report.problems) or any(f.serious for f in findings)
+    latent = args.latent_cache or dataset.datasets[0].latent_cache
+    text = args.text_cache or dataset.datasets[0].text_cache
     if args.json:
-        _print_json({**_jsonable(report), "findings": findings})
+        caches = stoker.check_caches(dataset, latent_cache=latent, text_cache=text)
+        _print_json({**_jsonable(report), "findings": findings, "caches": caches})
         return 1 if failed else 0
     _say_load_warnings(args, report.notes)
-    lines = report.lines()
+    lines = report.lines() + render_cache_state(dataset, latent, text)
     for finding in findings:
         fix = ""
         if finding.key in _SOURCE_FLAGS:
@@ -652,6 +656,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_source_options(scan)
     scan.add_argument("--json", action="store_true", help="print the report as JSON")
+    scan.add_argument("--latent-cache", default=None, metavar="DIR", help="report this cache")
+    scan.add_argument("--text-cache", default=None, metavar="DIR", help="report this cache")
     scan.set_defaults(run=_run_scan)
 
     demo = sub.add_parser(
@@ -666,6 +672,9 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_run_demo)
     _add_bench_parser(sub)
     _add_tune_parser(sub)
+    from stoker.cli_cache import add_cache_parser
+
+    add_cache_parser(sub, _add_source_options)
     return parser
 
 

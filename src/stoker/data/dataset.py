@@ -202,6 +202,9 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.has_alpha = any(s.alpha_mask for s in catalog.subsets)
         self.has_conditioning = any(s.conditioning_data_dir is not None for s in catalog.subsets)
         self.decode_problems: list[Problem] = []  # filled in the main process by the loader
+        # Set by load_dataset(latent_cache=..., text_cache=...): readers of stoker.cache.
+        self.latents: Any = None
+        self.text: Any = None
         self._catalog_id: str | None = None
 
     @property
@@ -309,6 +312,8 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         if not samples:
             return {"empty": True, "replaced": replaced, "images": None, "captions": []}
         batch = _collate(samples, float_images=self.output == "float")
+        if self.text is not None:  # cached text-encoder outputs of the final captions
+            batch |= self.text.collate(batch["captions"])
         batch["replaced"] = replaced
         _share_in_worker(batch)
         return batch
@@ -371,22 +376,22 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         interpolation = subset.resize_interpolation or dataset.resize_interpolation
         flip = bool(subset.flip_aug and rng.random() < 0.5)
         face = parse_face_info(Path(path).stem) if subset.face_crop_aug_range else None
-        if face is not None and not dataset.enable_bucket:
+        pixels: np.ndarray | None = None
+        if self.latents is not None:
+            # The cache holds both views; noise is keyed like every other draw (stoker.cache).
+            noise_seed = int(keyed_rng(self.seed, epoch, position, Stream.LATENT).integers(2**63))
+            latent = self.latents.sample(index, flip, noise_seed)
+            crop = conditioning_crop_top_left(original_wh, bucket, flipped=flip)
+        elif face is not None and not dataset.enable_bucket:
             pixels = self._face_sample(index, subset, face, bucket, rng, interpolation, flip)
             crop = (0, 0)
         else:
-            img = open_image(
-                path,
-                alpha=subset.alpha_mask,
-                draft_size=resized if self.fast_decode else None,
-                expect_size=original_wh,
-            )
-            pixels = _fit(img, subset, resized, bucket, rng, interpolation, flip)
+            pixels = self._decode_fit(index, resized, bucket, rng, flip)
             crop = conditioning_crop_top_left(original_wh, bucket, flipped=flip)
-        if subset.color_aug:
+        if subset.color_aug and pixels is not None:
             pixels[..., :3] = color_aug(np.ascontiguousarray(pixels[..., :3]), rng)
         sample: dict[str, Any] = {
-            "pixels": pixels,
+            "pixels": pixels if pixels is not None else latent,
             "caption": self._caption(index, subset_index, epoch, position, step),
             "loss_weight": dataset.prior_loss_weight if subset.is_reg else 1.0,
             "original_size_hw": (original_wh[1], original_wh[0]),
@@ -403,6 +408,36 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 index, resized, bucket, epoch, position, interpolation, flip
             )
         return sample
+
+    def _decode_fit(
+        self,
+        index: int,
+        resized: tuple[int, int],
+        bucket: tuple[int, int],
+        rng: np.random.Generator,
+        flip: bool,
+    ) -> np.ndarray:
+        """Decode the image at ``index``, resize it, crop it to its bucket and flip it."""
+        subset = self.catalog.subsets[int(self.catalog.subset[index])]
+        dataset = self.datasets[self.catalog.dataset_of_subset[int(self.catalog.subset[index])]]
+        interpolation = subset.resize_interpolation or dataset.resize_interpolation
+        img = open_image(
+            self.catalog.paths[index],
+            alpha=subset.alpha_mask,
+            draft_size=resized if self.fast_decode else None,
+            expect_size=(int(self.catalog.widths[index]), int(self.catalog.heights[index])),
+        )
+        return _fit(img, subset, resized, bucket, rng, interpolation, flip)
+
+    def view_pixels(self, index: int) -> np.ndarray:
+        """The image at ``index`` as every epoch sees it before flip: ``(H, W, C)`` uint8.
+
+        Decoded, resized and centre-cropped to its bucket exactly as a training sample is (the
+        latent cache encodes this, and its mirror image for ``flip_aug``).
+        """
+        resized = (int(self.resized_wh[index, 0]), int(self.resized_wh[index, 1]))
+        bucket = (int(self.bucket_wh[index, 0]), int(self.bucket_wh[index, 1]))
+        return self._decode_fit(index, resized, bucket, keyed_rng(0, 0, index, Stream.IMAGE), False)
 
     def _face_sample(
         self,
@@ -485,9 +520,13 @@ def _fit(
 def _collate(samples: list[dict[str, Any]], *, float_images: bool) -> dict[str, Any]:
     """Stack samples of one bucket into sd-scripts' batch dict."""
     pixels = [s["pixels"] for s in samples]
-    images = _channels_first([p[..., :3] for p in pixels])
-    batch: dict[str, Any] = {
-        "images": to_float_images(images) if float_images else images,
+    batch: dict[str, Any] = {}
+    if isinstance(pixels[0], torch.Tensor):  # latents from the cache (stoker.cache)
+        batch["latents"] = torch.stack(pixels)
+    else:
+        images = _channels_first([p[..., :3] for p in pixels])
+        batch["images"] = to_float_images(images) if float_images else images
+    batch |= {
         "captions": [s["caption"] for s in samples],
         "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
         "original_sizes_hw": torch.tensor([s["original_size_hw"] for s in samples]),
@@ -564,6 +603,9 @@ def load_dataset(
     fast_decode: bool = True,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    latent_cache: str | os.PathLike[str] | Literal[False] | None = None,
+    text_cache: str | os.PathLike[str] | Literal[False] | None = None,
+    vae: Any = None,
     **overrides: Any,
 ) -> StokerDataset:
     """Load an sd-scripts dataset as it is.
@@ -586,12 +628,22 @@ def load_dataset(
         threads: parallel header reads; default: the CPU budget.
         progress: ``progress(done, total)`` while scanning; default: a bar on stderr when it is a
             terminal and the dataset is large.
+        latent_cache: a latent cache folder (``stoker.cache_latents``): batches carry ``latents``
+            instead of ``images`` and no image is opened; every other key is unchanged. Also the
+            ``latent_cache`` key of the config (``[general]`` or ``[[datasets]]``); ``False``
+            loads images even when the config names a cache.
+        text_cache: a text-encoder cache folder (``stoker.cache_text_encoder_outputs``): batches
+            also carry the text encoders' outputs for each caption. Also a config key; ``False``
+            ignores it.
+        vae: encode stale and missing latents with this VAE (object or folder) instead of raising.
         **overrides: dataset and subset keys (sd-scripts' command-line options), below the config.
 
     Raises:
         ConfigError: the config is invalid (the message names file, table and key).
         DatasetError: a folder is missing, nothing usable is left, or ``on_error="raise"`` found
             bad files.
+        CacheError: a cache has stale or missing entries (counts, files and the command that
+            fixes it), or a setting a cache cannot serve (``random_crop``, ``color_aug``, ...).
     """
     if on_error not in ("raise", "skip", "warn"):
         raise ValueError(f"on_error={on_error!r} is not valid: use 'warn', 'skip' or 'raise'")
@@ -613,7 +665,7 @@ def load_dataset(
         group.datasets, threads=threads, progress=progress or stderr_progress("stoker: scanning")
     )
     catalog = _split(catalog, group.datasets, validation=validation, seed=seed)
-    return _build(
+    dataset = _build(
         catalog,
         group,
         problems,
@@ -624,6 +676,30 @@ def load_dataset(
         fast_decode=fast_decode,
         source=Path(source),
     )
+    latents = (
+        _cache_folder(group.datasets, "latent_cache") if latent_cache is None else latent_cache
+    )
+    text = _cache_folder(group.datasets, "text_cache") if text_cache is None else text_cache
+    if latents or text:
+        from stoker.cache import attach_caches  # the cache package sits above data
+
+        attach_caches(dataset, latent_cache=latents or None, text_cache=text or None, vae=vae)
+    return dataset
+
+
+def _cache_folder(datasets: Sequence[DatasetConfig], key: str) -> Path | None:
+    """The one cache folder the datasets' ``key`` names (set in [general] or each dataset)."""
+    folders = {getattr(d, key) for d in datasets}
+    if len(folders) > 1:
+        where = ", ".join(f"{d.where}: {getattr(d, key)}" for d in datasets)
+        raise ConfigError(
+            f"{key} must name one folder for all datasets of a run (one cache holds them all), "
+            f"got {where}; set {key} once in [general]"
+        )
+    folder = folders.pop()
+    if folder is None:
+        return None
+    return Path(folder)
 
 
 def _read_source(
