@@ -238,6 +238,7 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator over torch's
         sampler = self.batch_sampler
         consumed = getattr(sampler, "mark_consumed", None)
+        arrive = getattr(self.dataset, "arrive", None)  # a stoker dataset finishes its batches
         monitor = self.monitor
         inner = super().__iter__()
         _unwatch_worker_exits(inner)
@@ -256,6 +257,8 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
                     return
                 except (RuntimeError, ConnectionError, EOFError) as err:
                     raise _explain_failure(err, inner, self) from err
+                if arrive is not None:
+                    batch = arrive(batch)
                 if monitor is not None and monitor.record(asked, clock(), batch_samples(batch)):
                     self._warn_input_bound()
                 if isinstance(batch, dict) and batch.get("replaced"):
@@ -468,6 +471,8 @@ def make_loader(
             ),
         )
         dataloader_kwargs.setdefault("collate_fn", dataset.collate_fn)
+        if plan.kwargs.get("num_workers", 0) and callable(getattr(dataset, "for_workers", None)):
+            dataset = dataset.for_workers()  # batches cross the worker queue as uint8 (issue #11)
         _tell_batch_size_ignored(batch_size, dataset)
         batch_size, shuffle = 1, False
     loader = StokerLoader(
