@@ -1,10 +1,10 @@
 """stoker's fast image path against a slow exact reference: PSNR on photos, no aliasing on a zone plate.
 
-The reference decodes the whole file with Pillow (no DCT scaling) and resamples by exact pixel-area
-averaging (OpenCV's ``INTER_AREA``, sd-scripts' default when shrinking, written out here in float64),
-then crops as stoker does. stoker's output is what ``dataset[i]["images"]`` returns: JPEG at a
-reduced DCT scale, torch's antialiased resize, float in [-1, 1]. docs/performance.md states the
-PSNR held here (issue #11: at least 40 dB, no visible aliasing).
+The reference (`stoker.data.quality.area_reference`) decodes the whole file with Pillow (no DCT
+scaling) and resamples by exact pixel-area averaging (OpenCV's ``INTER_AREA``, sd-scripts' default
+when shrinking), then crops as stoker does. stoker's output is what ``dataset[i]["images"]``
+returns: JPEG at a reduced DCT scale, torch's antialiased resize, float in [-1, 1].
+docs/performance.md states the PSNR held here (issue #11: at least 40 dB, no visible aliasing).
 """
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ import torch
 from PIL import Image
 
 import stoker
+from stoker.data.quality import (
+    aliasing,
+    area_reference,
+    psnr,
+    zone_plate,
+    zone_plate_bands,
+)
 
 PSNR_FLOOR_DB = 40.0
 # Zone plate: the output's spread where the source is above 1.5x the output's Nyquist frequency, as
@@ -24,34 +31,6 @@ PSNR_FLOOR_DB = 40.0
 # 0.705 (moire, what cv2 INTER_LINEAR does), exact area averaging 0.119, stoker 0.078 (the 1/2 DCT
 # scale lets a little through), a full decode with torch's antialiased bilinear 0.031.
 ALIASING_LIMIT = 0.1
-
-
-def area_weights(source: int, target: int) -> np.ndarray:
-    """``(target, source)`` matrix of exact pixel-area averaging (``INTER_AREA`` when shrinking)."""
-    scale = source / target
-    edges = np.arange(target + 1) * scale
-    lo, hi = edges[:-1, None], edges[1:, None]
-    left = np.arange(source)[None, :]
-    overlap = np.clip(np.minimum(hi, left + 1) - np.maximum(lo, left), 0, None)
-    return overlap / scale
-
-
-def reference(path: Path, resized_wh: tuple[int, int], bucket_wh: tuple[int, int]) -> np.ndarray:
-    """Full decode, exact area resampling, centre crop, ``x / 127.5 - 1``: ``(3, h, w)`` float64."""
-    with Image.open(path) as im:
-        full = np.asarray(im.convert("RGB"), dtype=np.float64)
-    rows = area_weights(full.shape[0], resized_wh[1])
-    cols = area_weights(full.shape[1], resized_wh[0])
-    resized = np.stack([rows @ full[..., c] @ cols.T for c in range(3)])
-    top = (resized_wh[1] - bucket_wh[1]) // 2
-    left = (resized_wh[0] - bucket_wh[0]) // 2
-    crop = resized[:, top : top + bucket_wh[1], left : left + bucket_wh[0]]
-    return crop / 127.5 - 1.0
-
-
-def psnr(mine: np.ndarray, ref: np.ndarray) -> float:
-    mse = float(np.mean(((mine - ref) * 127.5) ** 2))
-    return 10 * np.log10(255.0**2 / max(mse, 1e-12))
 
 
 def photo(width: int, height: int, seed: int) -> np.ndarray:
@@ -66,29 +45,6 @@ def photo(width: int, height: int, seed: int) -> np.ndarray:
         out[y : y + h, x : x + w] = rng.integers(0, 256, 3)
     out += rng.normal(0, 2.0, size=out.shape).astype(np.float32)
     return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def zone_plate(size: int) -> np.ndarray:
-    """``cos(pi r^2 / size)``: local frequency r / size cycles per pixel, Nyquist at the edges."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float64) - size / 2 + 0.5
-    return np.round(128 + 100 * np.cos(np.pi * (x * x + y * y) / size)).astype(np.uint8)
-
-
-def _bands(shape: tuple[int, ...], source_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Masks of an output zone plate: source frequency above 1.5x, and below 0.5x, output Nyquist."""
-    height, width = shape
-    scale = source_size / width
-    v, u = np.mgrid[0:height, 0:width].astype(np.float64)
-    radius = np.hypot((u + 0.5) * scale - source_size / 2, (v + 0.5) * scale - source_size / 2)
-    nyquist_radius = 0.5 / scale * source_size  # where the local frequency r / size is 0.5 / scale
-    above = (radius > 1.5 * nyquist_radius) & (radius < 0.45 * source_size)
-    return above, radius < 0.5 * nyquist_radius
-
-
-def aliasing(out: np.ndarray, source_size: int) -> float:
-    """Spread of a resized zone plate where the source frequency exceeds the output's Nyquist."""
-    above, _ = _bands(out.shape, source_size)
-    return float(np.std(out[above]) / 100.0)
 
 
 def write_dataset(root: Path, images: dict[str, Image.Image], resolution: int) -> Path:
@@ -127,7 +83,7 @@ def outputs(config: Path) -> list[tuple[Path, np.ndarray, np.ndarray]]:
         resized = (int(ds.resized_wh[i, 0]), int(ds.resized_wh[i, 1]))
         bucket = (int(ds.bucket_wh[i, 0]), int(ds.bucket_wh[i, 1]))
         mine = ds[i]["images"][0].numpy().astype(np.float64)
-        rows.append((path, mine, reference(path, resized, bucket)))
+        rows.append((path, mine, area_reference(path, resized, bucket)))
     return rows
 
 
@@ -158,7 +114,7 @@ def test_zone_plate_shows_no_aliasing(quality_set: Path) -> None:
     assert aliasing(grey, 1536) <= aliasing((ref[0] + 1.0) * 127.5, 1536)  # no worse than area
     # Below the output's Nyquist frequency the pattern is kept, not blurred away. (Over the whole
     # plate the reference differs by what area averaging lets alias, which stoker filters out.)
-    _, below = _bands(grey.shape, 1536)
+    _, below = zone_plate_bands(grey.shape, 1536)
     assert np.corrcoef(mine[0][below], ref[0][below])[0, 1] >= 0.95
 
 
