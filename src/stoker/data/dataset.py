@@ -421,15 +421,36 @@ def _planes(pixels: list[np.ndarray], *, float_images: bool) -> torch.Tensor:
     the arithmetic of `to_float_images`, so the values are bitwise the same.
     """
     height, width = pixels[0].shape[:2]
-    dtype = np.float32 if float_images else np.uint8
-    out = np.empty((len(pixels), 3, height, width), dtype)
+    batch = _batch_tensor(
+        (len(pixels), 3, height, width), torch.float32 if float_images else torch.uint8
+    )
+    out = batch.numpy()
     for n, image in enumerate(pixels):
         for c in range(3):
             if float_images:
                 _plane_to_float(image[..., c], out[n, c])
             else:
                 out[n, c] = image[..., c]
-    return torch.from_numpy(out)
+    return batch
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor; in a DataLoader worker, already in shared memory.
+
+    A worker's batch goes to the main process through shared memory; a tensor in ordinary memory
+    is first copied into a new shared segment there. Built in shared memory from the start (as
+    torch's own ``default_collate`` does, with the same private ``_new_shared``), it is sent as is:
+    one copy of every batch less. Outside workers, or without that torch function, a plain tensor.
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    try:
+        storage = torch.UntypedStorage._new_shared(nbytes)  # type: ignore[no-untyped-call]
+    except (AttributeError, RuntimeError):
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.empty(0, dtype=dtype).set_(storage)
+    return flat.view(shape)
 
 
 def _plane_to_float(plane: np.ndarray, out: np.ndarray) -> None:
