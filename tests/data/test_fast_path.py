@@ -301,3 +301,25 @@ def test_workers_send_uint8_and_the_loop_receives_the_same_floats(tmp_path: Path
     assert len(got) == len(expected) and all(map(torch.equal, got, expected))
     small = stoker.load_dataset(tmp_path, resolution=256, output="uint8", progress=None)
     assert small.for_workers() is small  # already uint8: nothing to convert on arrival
+
+
+class _PlanesInWorker(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Reports whether `_planes` built its batch in shared memory where it ran."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> tuple[bool, torch.Tensor]:
+        pixels = np.full((4, 5, 3), index, np.uint8)
+        batch = dataset_module._planes([pixels], float_images=bool(index))
+        return batch.is_shared(), batch
+
+
+@pytest.mark.slow
+def test_worker_batches_are_built_in_shared_memory() -> None:
+    loader = torch.utils.data.DataLoader(_PlanesInWorker(), batch_size=None, num_workers=1)
+    results = list(loader)
+    assert [shared for shared, _ in results] == [True, True]
+    assert results[0][1].dtype == torch.uint8 and results[1][1].dtype == torch.float32
+    assert float(results[1][1].max()) == pytest.approx(1 / 127.5 - 1)
+    assert not _PlanesInWorker()[0][0]  # in the main process: ordinary memory
