@@ -416,6 +416,50 @@ def section_loader(config: Path, *, budget: int, batches: int, repeats: int, qui
     return report, uint8
 
 
+class FloatThroughTheQueue(stoker.StokerDataset):
+    """The dataset as before issue #11: workers send float batches (4x the bytes of uint8)."""
+
+    def for_workers(self) -> stoker.StokerDataset:
+        return self
+
+
+def section_scaling(config: Path, *, budget: int, batches: int, repeats: int) -> dict[str, Any]:
+    """Loader images/s at 0, 1, 2 and ``budget`` fork workers, float output, runs interleaved.
+
+    Each round measures every setting once, in turn, so the load other jobs put on this shared
+    machine spreads over all of them; medians over ``repeats`` rounds. "as before #11" is the
+    same loader with float batches sent through the worker queue as float.
+    """
+    ds = _load(config)
+    before = object.__new__(FloatThroughTheQueue)
+    before.__dict__.update(ds.__dict__)
+    settings = [(w, "stoker", ds) for w in sorted({0, 1, 2, budget})]
+    settings.append((2, "as before #11 (float through the queue)", before))
+    runs: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for workers, label, dataset in settings:
+            m = measure_loader(dataset, workers=workers, batches=batches, start_method="fork")
+            runs.setdefault(f"{workers} workers, {label}", []).append(m.images_per_second)
+    rates = {name: statistics.median(values) for name, values in runs.items()}
+    single = rates["0 workers, stoker"]
+    return {
+        "images_per_second": rates,
+        "runs": runs,
+        "x_one_process_times_workers": {
+            name: rate / (single * max(1, int(name.split()[0]))) for name, rate in rates.items()
+        },
+        "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def _print_scaling(r: dict[str, Any]) -> None:
+    _say("\n2a. Loader scaling, fork, float output, rounds interleaved (median images/s)")
+    for name, rate in r["images_per_second"].items():
+        ratio = r["x_one_process_times_workers"][name]
+        _say(f"  {name:<52} {rate:7.1f} images/s   x{ratio:.2f} of one process x workers")
+    _say(f"  load average after: {' '.join(r['loadavg_after'])}")
+
+
 _POOL_DATASET: Any = None
 
 
@@ -776,6 +820,11 @@ def targets(results: dict[str, Any], budget: int) -> dict[str, Any]:
         out["per_core_ratio at resolution 512"] = results["per_core_512"]["ratio_to_reference"][
             "stoker fast_decode"
         ]
+    sc = results.get("scaling")
+    if sc:
+        for name, ratio in sc["x_one_process_times_workers"].items():
+            if not name.startswith("0 "):
+                out[f"scaling, {name} (>= 0.9 at 2)"] = ratio
     ld = results.get("loader")
     if ld:
         rates = {
@@ -807,7 +856,7 @@ def targets(results: dict[str, Any], budget: int) -> dict[str, Any]:
 
 # --- main ----------------------------------------------------------------------------------------
 
-SECTIONS = ("per-core", "loader", "epoch-gap", "memory", "scan", "one-cpu")
+SECTIONS = ("per-core", "scaling", "loader", "epoch-gap", "memory", "scan", "one-cpu")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -872,6 +921,11 @@ def main(argv: list[str] | None = None) -> int:
         _print_per_core(results["per_core_512"], "at resolution 512 (SD 1.5)")
     elif "per-core" in sections:
         _say("\n1. Per core: skipped, the reference path needs OpenCV: pip install 'stoker[bench]'")
+    if "scaling" in sections:
+        results["scaling"] = section_scaling(
+            config, budget=budget, batches=10 if quick else 28, repeats=repeats
+        )
+        _print_scaling(results["scaling"])
     if "loader" in sections:
         report, uint8 = section_loader(
             config, budget=budget, batches=10 if quick else 28, repeats=repeats, quick=quick

@@ -15,22 +15,20 @@ import torch
 from stoker.bench import (
     BenchReport,
     LoaderMeasurement,
-    MemoryUse,
-    _child_pids,
     _settings,
     bench_loader,
     measure_epoch_gap,
     measure_loader,
     measure_worker_growth,
     plot_bench,
-    read_memory,
     require_plotting,
     touch_catalog,
     touch_records,
 )
 from stoker.cli import main
 from stoker.errors import StokerError
-from stoker.tune import parse_proc_fields
+from stoker.system.memory import MemoryUse, child_pids, read_memory
+from stoker.system.procfs import parse_proc_fields
 
 SMAPS = """\
 55a4c0e2a000-7ffd1c3f2000 ---p 00000000 00:00 0                          [rollup]
@@ -109,7 +107,7 @@ def test_child_pids_follow_the_parent_field_and_skip_helpers(tmp_path):
     proc(14, 99, b"python")
     proc(15, 10, b"python", comm="odd ) name 3")  # ')' in the command name
     (tmp_path / "self").mkdir()
-    assert _child_pids(tmp_path, parent=10) == {11, 12, 15}
+    assert child_pids(tmp_path, parent=10) == {11, 12, 15}
 
 
 # --- one loader ----------------------------------------------------------------------------------

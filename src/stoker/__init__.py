@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 
-from stoker.budget import Budget, Limit, cpu_budget
 from stoker.data.catalog import Problem
 from stoker.data.dataset import DatasetReport, StokerDataset, load_dataset, to_float_images
 from stoker.errors import (
@@ -19,12 +18,12 @@ from stoker.errors import (
     StokerWarning,
     WorkerFailed,
 )
-from stoker.loader import StokerLoader, make_loader, plan_loader
+from stoker.loader import StokerLoader, make_loader, plan_loader, tune_loader
 from stoker.monitor import InputMonitor, LoaderStats
 from stoker.plan import Adjustment, LoaderPlan, LoaderRequest, MeasuredChoice, Measurement
-from stoker.tune import TuneResult, tune_loader
-
-__version__ = "0.1.0"
+from stoker.system.cpu import Budget, Limit, cpu_budget
+from stoker.tune import TuneResult
+from stoker.version import __version__
 
 # A library logs; the application decides where logs go (warnings already reach the user).
 logging.getLogger("stoker").addHandler(logging.NullHandler())

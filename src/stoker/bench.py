@@ -34,8 +34,10 @@ from typing import Any
 
 import torch
 
+from stoker import torch_internals
 from stoker.errors import StokerError
-from stoker.tune import parse_proc_fields
+from stoker.system.memory import MemoryUse, child_pids, read_memory
+from stoker.system.platform import default_start_method
 
 __all__ = [
     "BenchReport",
@@ -59,41 +61,6 @@ _PROC = Path("/proc")
 
 
 # --- memory --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MemoryUse:
-    """One process's memory, from ``/proc/<pid>/smaps_rollup``.
-
-    Attributes:
-        pid: the process.
-        rss_bytes: resident pages, shared or not.
-        pss_bytes: proportional set size: each shared page divided by the processes sharing it.
-        uss_bytes: unique set size: ``Private_Clean + Private_Dirty``.
-    """
-
-    pid: int
-    rss_bytes: int
-    pss_bytes: int
-    uss_bytes: int
-
-
-def read_memory(pid: int | str = "self", *, proc_root: Path = _PROC) -> MemoryUse | None:
-    """``MemoryUse`` of ``pid`` (``"self"`` for this process), or ``None`` when it cannot be read.
-
-    A process that has exited, a kernel without ``smaps_rollup`` (before Linux 4.14) or a
-    ``/proc`` hidden by permissions give ``None``: a measurement without memory, not an error.
-    """
-    try:
-        text = (proc_root / str(pid) / "smaps_rollup").read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError):
-        return None
-    fields = parse_proc_fields(text)
-    if "Rss" not in fields or "Pss" not in fields:
-        return None
-    real_pid = os.getpid() if pid == "self" else int(pid)
-    uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
-    return MemoryUse(pid=real_pid, rss_bytes=fields["Rss"], pss_bytes=fields["Pss"], uss_bytes=uss)
 
 
 def _total(uses: Sequence[MemoryUse], field: str) -> int | None:
@@ -192,36 +159,11 @@ def _measured_loader(
     )
 
 
-def _child_pids(proc_root: Path, parent: int | None = None) -> set[int]:
-    """Processes whose parent is ``parent`` (default: this one), from ``/proc/<pid>/stat``.
-
-    multiprocessing's helper processes (resource tracker, fork server) are left out: they are
-    not workers.
-    """
-    parent = os.getpid() if parent is None else parent
-    found: set[int] = set()
-    try:
-        entries = [e for e in os.listdir(proc_root) if e.isdigit()]
-    except OSError:
-        return found
-    for entry in entries:
-        try:
-            stat = (proc_root / entry / "stat").read_text(encoding="ascii", errors="replace")
-            cmdline = (proc_root / entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        helper = b"resource_tracker" in cmdline or b"forkserver" in cmdline
-        if len(fields) > 1 and fields[1] == str(parent) and not helper:
-            found.add(int(entry))
-    return found
-
-
 def _worker_memory(
     proc_root: Path, before: set[int]
 ) -> tuple[MemoryUse | None, tuple[MemoryUse, ...]]:
     """This process's memory and that of the children started since ``before`` was taken."""
-    pids = sorted(_child_pids(proc_root) - before)
+    pids = sorted(child_pids(proc_root) - before)
     uses = (read_memory(pid, proc_root=proc_root) for pid in pids)
     return read_memory("self", proc_root=proc_root), tuple(m for m in uses if m is not None)
 
@@ -235,21 +177,13 @@ def _finish(loader: Any, iterator: Any, start_method: str | None) -> None:
     batches already asked for are collected first (untimed): with persistent workers the sampler
     is cut off so that only those few arrive; without them the epoch runs out.
     """
-    inner = getattr(loader, "_iterator", None)  # persistent workers live here
-    if loader.num_workers > 0 and (start_method or _default_start_method()) != "fork":
-        if inner is not None and hasattr(inner, "_sampler_iter"):
-            inner._sampler_iter = iter(())  # ask for nothing more (a private DataLoader field)
+    inner = torch_internals.persistent_iterator(loader)  # persistent workers live here
+    if loader.num_workers > 0 and (start_method or default_start_method()) != "fork":
+        if inner is not None:
+            torch_internals.stop_asking(inner)
         for _ in iterator:
             pass
-    shutdown = getattr(inner, "_shutdown_workers", None)
-    if callable(shutdown):
-        shutdown()
-
-
-def _default_start_method() -> str:
-    import multiprocessing
-
-    return multiprocessing.get_start_method(allow_none=True) or "fork"
+    torch_internals.shutdown_workers(inner)
 
 
 def measure_loader(
@@ -300,7 +234,7 @@ def measure_loader(
     want = len(loader) if batches is None else batches
     stamps: list[float] = []
     counts: list[int] = []
-    children = _child_pids(proc_root)
+    children = child_pids(proc_root)
     start = clock()
     iterator = iter(loader)
     try:
@@ -497,7 +431,7 @@ def bench_loader(
         raise ValueError(f"repeats={repeats!r} is not valid: use a whole number >= 1")
     settings = _settings(workers, start_methods)
     if budget_cpus is None:
-        from stoker.budget import cpu_budget
+        from stoker.system.cpu import cpu_budget
 
         budget_cpus = cpu_budget().cpus
     per_run = batches if batches is not None else _epoch_batches(dataset)
@@ -652,7 +586,7 @@ def measure_worker_growth(
         raise ValueError(f"workers={workers!r} is not valid: use a whole number >= 1")
     from stoker.loader import make_loader
 
-    children = _child_pids(proc_root)
+    children = child_pids(proc_root)
     start = clock()
     loader = make_loader(
         _TouchInWorker(table, touch, workers),

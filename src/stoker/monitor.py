@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ from dataclasses import dataclass
 import torch
 
 from stoker.data.catalog import Problem
-from stoker.errors import StokerWarning
 
 __all__ = ["InputMonitor", "LoaderStats"]
 
@@ -288,9 +286,3 @@ def input_bound_message(stats: LoaderStats, window: InputMonitor, advice: list[s
         + "; ".join(advice)
         + ". loader.stats() has the figures."
     )
-
-
-def warn_input_bound(message: str, stacklevel: int) -> None:
-    """Tell the input-bound finding once: a ``StokerWarning`` and the ``stoker`` logger."""
-    logger.warning(message)
-    warnings.warn(message, StokerWarning, stacklevel=stacklevel)

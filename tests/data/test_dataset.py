@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -271,11 +272,43 @@ def augmented(tmp_path):
     return load_dataset(sample.config)
 
 
+def _augmented_source(sample, kind: str, tmp_path):
+    """The sample's images as one of the three sources sd-scripts reads, every random choice on."""
+    options = {"flip_aug": True, "random_crop": True, "color_aug": True}
+    if kind == "toml":
+        return load_dataset(sample.config)
+    if kind == "folders":
+        return load_dataset(sample.train_data_dir, reg_data_dir=sample.root / "reg", resolution=256)
+    images = sorted((sample.train_data_dir).rglob("*.jpg"))
+    metadata = {
+        p.stem: {"caption": f"photo of sks dog, number {i}, outdoors"} for i, p in enumerate(images)
+    }
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps(metadata))
+    config = tmp_path / "meta.toml"
+    config.write_text(
+        "[general]\nenable_bucket = true\nshuffle_caption = true\n"
+        + "".join(f"{k} = true\n" for k in options)
+        + f"[[datasets]]\nresolution = 256\nbatch_size = 2\n[[datasets.subsets]]\n"
+        f"metadata_file = '{meta}'\nimage_dir = '{images[0].parent}'\nnum_repeats = 2\n"
+    )
+    return load_dataset(config)
+
+
 @pytest.mark.slow
-def test_dataset_conforms_deterministic_and_resumable(augmented):
+@pytest.mark.parametrize("kind", ["toml", "folders", "metadata"])
+def test_every_source_conforms_deterministic_and_resumable(kind, augmented, tmp_path):
+    """The conformance helper on each way of describing a dataset: sd-scripts' TOML config, its
+    N_name folders, and fine-tuning metadata."""
+    if kind == "toml":
+        dataset = augmented
+    else:
+        sample = write_sample_dataset(tmp_path / "s", images=10)
+        dataset = _augmented_source(sample, kind, tmp_path)
+
     def build(*, seed, workers):
         return make_loader(
-            augmented,
+            dataset,
             seed=seed,
             shuffle=True,
             workers=workers,
@@ -286,7 +319,37 @@ def test_dataset_conforms_deterministic_and_resumable(augmented):
             monitor=False,
         )
 
-    assert_deterministic_and_resumable(build, seed=11, midpoint=7)
+    # The TOML source runs 0, 1 and 2 workers; the others 0 and 2 (the same paths, half the time).
+    workers = (0, 1, 2) if kind == "toml" else (0, 2)
+    assert_deterministic_and_resumable(build, seed=11, midpoint=5, workers=workers)
+
+
+class _SamplerOnly:
+    """The batch sampler alone, as a loader: what it yields is the batch (its sample keys)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        for batch in self.sampler:
+            self.sampler.mark_consumed()
+            yield [tuple(int(k) for k in key) for key in batch]
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def state_dict(self):
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state):
+        self.sampler.load_state_dict(state)
+
+
+def test_the_sampler_alone_conforms(augmented):
+    def build(*, seed, workers):  # no workers: the sampler runs in this process
+        return _SamplerOnly(augmented.make_batch_sampler(seed=seed, shuffle=True))
+
+    assert_deterministic_and_resumable(build, seed=3, midpoint=9, workers=(0,), epochs=3)
 
 
 @pytest.mark.slow

@@ -39,7 +39,6 @@ import numbers
 import os
 import re
 import sys
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -50,7 +49,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
-from stoker.errors import ConfigError, DatasetError, StokerWarning
+from stoker.errors import ConfigError, DatasetError
+from stoker.warn import warn
 
 __all__ = [
     "DatasetConfig",
@@ -739,12 +739,11 @@ def _drop_duplicates(subsets: list[SubsetConfig]) -> tuple[SubsetConfig, ...]:
         else:
             identity = (subset.image_dir, subset.conditioning_data_dir)
         if identity in first:
-            warnings.warn(
+            warn(
                 f"{subset.where}: ignored, it reads the same data as {first[identity].where} and "
                 "sd-scripts uses only the first of duplicate subsets; raise num_repeats instead "
                 "to see these images more often",
-                StokerWarning,
-                stacklevel=4,
+                once=False,
             )
             continue
         first[identity] = subset
@@ -1040,8 +1039,7 @@ def _warn_skipped(skipped: list[tuple[str, str]]) -> None:
     message = (
         f"left out {len(skipped)} folder(s) that do not follow <repeats>_<class tokens>: {names}"
     )
-    logger.warning(message)
-    warnings.warn(message, StokerWarning, stacklevel=3)
+    warn(message)
 
 
 # --- metadata ------------------------------------------------------------------------------------
@@ -1074,11 +1072,10 @@ def _parse_metadata_jsonl(text: str, label: str) -> dict[str, dict[str, Any]]:
         first_line.setdefault(image, number)
         metadata[image] = _check_metadata_entry(entry, where)
     if repeated:
-        warnings.warn(
+        warn(
             f"{label}: {len(repeated)} image path(s) appear more than once, the last line wins as in "
             f"sd-scripts: {', '.join(repeated[:5])}",
-            StokerWarning,
-            stacklevel=3,
+            once=False,
         )
     return metadata
 

@@ -11,8 +11,8 @@ it, how many workers there are, or how they were started.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from stoker import torch_internals
 from stoker.data.buckets import BucketReport, BucketSpec, assign_buckets, bucket_report
 from stoker.data.captions import CaptionRules, process_caption
 from stoker.data.catalog import Catalog, Problem, scan_dataset, stderr_progress
@@ -44,8 +45,9 @@ from stoker.data.images import (
     resize_crop,
 )
 from stoker.data.sampler import BucketBatchSampler, balance_reg_repeats
-from stoker.errors import DatasetError, StokerWarning
+from stoker.errors import DatasetError
 from stoker.rng import Stream, keyed_rng
+from stoker.warn import warn
 
 __all__ = ["DatasetReport", "StokerDataset", "load_dataset", "passthrough_collate"]
 
@@ -206,6 +208,37 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             world_size=world_size,
             even_batches=even_batches,
         )
+
+    def batch_sizes_in_use(self) -> list[int]:
+        """The distinct batch sizes of its datasets' configs."""
+        return sorted({int(b) for b in self.batch_sizes})
+
+    def fingerprint(self) -> str:
+        """A digest of what makes loading it fast or slow: batch layout, paths, image sizes,
+        buckets and every subset setting (the tuner's remembered choice is keyed on it)."""
+        catalog = self.catalog
+        digest = hashlib.blake2b(digest_size=16)
+        sampler = self.make_batch_sampler(seed=0, shuffle=False)
+        digest.update(str(sampler.state_dict()["fingerprint"]).encode())
+        blob, offsets = catalog.paths.__getstate__()
+        digest.update(blob)
+        digest.update(np.asarray(offsets, "<i8").tobytes())
+        for array in (catalog.widths, catalog.heights, self.bucket_wh, self.resized_wh):
+            digest.update(np.asarray(array, "<i8").tobytes())
+        settings = (
+            type(self).__qualname__,
+            self.output,
+            self.fast_decode,
+            repr(catalog.subsets),
+            repr(self.datasets),
+        )
+        digest.update(repr(settings).encode())
+        return digest.hexdigest()
+
+    def sample_paths(self, batch: Sequence[Any]) -> list[str]:
+        """The image files behind one batch of its sampler (keys are (epoch, position, image,
+        step))."""
+        return [self.catalog.paths[int(key[2])] for key in batch]
 
     def __getitem__(self, key: int | tuple[int, int, int, int]) -> dict[str, Any]:
         """One sample as a batch of one; an int means that image at epoch 0, position = image."""
@@ -439,18 +472,12 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
     A worker's batch goes to the main process through shared memory; a tensor in ordinary memory
     is first copied into a new shared segment there. Built in shared memory from the start (as
-    torch's own ``default_collate`` does, with the same private ``_new_shared``), it is sent as is:
-    one copy of every batch less. Outside workers, or without that torch function, a plain tensor.
+    torch's own ``default_collate`` does; see `stoker.torch_internals.new_shared_tensor`), it is
+    sent as is: one copy of every batch less.
     """
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    try:
-        storage = torch.UntypedStorage._new_shared(nbytes)  # type: ignore[no-untyped-call]
-    except (AttributeError, RuntimeError):
-        return torch.empty(shape, dtype=dtype)
-    flat = torch.empty(0, dtype=dtype).set_(storage)
-    return flat.view(shape)
+    return torch_internals.new_shared_tensor(shape, dtype)
 
 
 def _plane_to_float(plane: np.ndarray, out: np.ndarray) -> None:
@@ -536,7 +563,7 @@ def load_dataset(
         overrides=overrides,
     )
     if threads is None:
-        from stoker.budget import cpu_budget
+        from stoker.system.cpu import cpu_budget
 
         threads = cpu_budget().cpus
     catalog, problems = scan_dataset(
@@ -802,10 +829,9 @@ def _apply_policy(problems: Sequence[Problem], on_error: OnError, source: Path) 
             "Fix or remove these files, or load with on_error='warn' to skip them."
         )
     if on_error == "warn":
-        warnings.warn(
+        warn(
             f"stoker skipped {len(skipped)} files and worked around {len(problems) - len(skipped)} "
             f"caption problems in {source}{_problem_summary(problems, 3)}; "
             "the full list is in dataset.report.problems (or run: stoker scan)",
-            StokerWarning,
-            stacklevel=4,
+            once=False,
         )
