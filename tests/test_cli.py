@@ -92,3 +92,21 @@ def test_scan_names_a_config_error(tmp_path, capsys):
     assert main(["scan", str(config)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("stoker: error: ") and "batchsize" in err and "batch_size" in err
+
+
+def test_demo_never_overwrites_a_users_files(tmp_path, capsys):
+    from stoker.cli import main
+
+    (tmp_path / "dataset.toml").write_text("# my own config\n")
+    assert main(["demo", "--out", str(tmp_path), "--images", "4", "--workers", "0"]) == 2
+    assert (tmp_path / "dataset.toml").read_text() == "# my own config\n"
+    assert "would overwrite (dataset.toml)" in capsys.readouterr().err
+    assert not (tmp_path / "train").exists()  # nothing written at all
+
+
+def test_demo_can_be_run_again_into_its_own_folder(tmp_path):
+    from stoker.data.synthetic import write_sample_dataset
+
+    first = write_sample_dataset(tmp_path / "demo", images=4)
+    again = write_sample_dataset(tmp_path / "demo", images=4)  # same bytes: nothing to refuse
+    assert again.config.read_bytes() == first.config.read_bytes()

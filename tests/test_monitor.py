@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from stoker import InputMonitor, LoaderStats, StokerWarning, make_loader
+from stoker import InputMonitor, LoaderStats, Problem, StokerWarning, make_loader
 
 
 class FakeClock:
@@ -121,7 +121,8 @@ class Replacing(Dataset):
         return 3
 
     def __getitem__(self, index: int) -> dict:
-        return {"x": torch.tensor([index]), "replaced": [(f"bad{index}.jpg", "truncated")]}
+        bad = Problem(path=f"bad{index}.jpg", reason="truncated", stage="decode", action="replaced")
+        return {"x": torch.tensor([index]), "replaced": [bad]}
 
 
 def test_stats_count_replaced_files_per_worker():

@@ -14,6 +14,7 @@ EXPECTED = [
     "LoaderPlan",
     "LoaderRequest",
     "LoaderStats",
+    "LoaderTimeout",
     "MeasuredChoice",
     "Measurement",
     "Problem",

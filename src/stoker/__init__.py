@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 
-from stoker.data.catalog import Problem
 from stoker.data.dataset import DatasetReport, StokerDataset, load_dataset, to_float_images
 from stoker.errors import (
     CacheError,
     ConfigError,
     DatasetError,
+    LoaderTimeout,
+    Problem,
     SharedMemoryFull,
     StokerError,
     StokerWarning,
@@ -40,6 +41,7 @@ __all__ = [
     "LoaderPlan",
     "LoaderRequest",
     "LoaderStats",
+    "LoaderTimeout",
     "MeasuredChoice",
     "Measurement",
     "Problem",

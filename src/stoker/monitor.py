@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stoker.data.catalog import Problem
+from stoker.errors import Problem
 
 __all__ = ["InputMonitor", "LoaderStats"]
 

@@ -160,6 +160,7 @@ def test_decode_failure_in_a_worker_is_replaced_and_reported(messy):
     assert len(batches) == len(loader)
     (problem,) = [p for p in ds.decode_problems if p.path.endswith("truncated.jpg")]
     assert problem.stage == "decode" and problem.action == "replaced"
+    assert problem.kind == "decode_failed" and problem in ds.report.problems
     keys = [b["image_keys"][0] for b in batches]
     assert not any(k.endswith("truncated.jpg") for k in keys)
 
@@ -477,3 +478,20 @@ def test_nothing_to_train_on_is_an_error(sample):
 def test_validation_without_a_split_is_a_clear_error(sample):
     with pytest.raises(DatasetError, match="no dataset sets validation_split"):
         load_dataset(sample.config, validation=True)
+
+
+def test_missing_captions_are_counted_per_subset_from_data(tmp_path):
+    # A subset folder whose name is a prefix of its sibling's (dog, dog2) once counted both. Bare
+    # repeat counts (no class tokens), so a missing caption is a reported problem.
+    rng = np.random.default_rng(0)
+    for name in ("1", "12"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(2):
+            write_image(tmp_path / "train" / name / f"{i}.jpg", 256, 256, rng)
+    ds = load_dataset(tmp_path / "train", resolution=256, on_error="skip")
+    assert {s.folder.rsplit("/", 1)[1]: s.missing_captions for s in ds.report.subsets} == {
+        "1": 2,
+        "12": 2,
+    }
+    kinds = {(p.kind, ds.catalog.subsets[p.subset].where) for p in ds.report.problems}
+    assert len(kinds) == 2 and {k for k, _ in kinds} == {"missing_caption"}

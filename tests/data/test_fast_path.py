@@ -323,3 +323,10 @@ def test_worker_batches_are_built_in_shared_memory() -> None:
     assert results[0][1].dtype == torch.uint8 and results[1][1].dtype == torch.float32
     assert float(results[1][1].max()) == pytest.approx(1 / 127.5 - 1)
     assert not _PlanesInWorker()[0][0]  # in the main process: ordinary memory
+
+
+def test_expect_size_is_checked_before_decoding(tmp_path: Path, decoder: str) -> None:
+    path = save(tmp_path, "s.jpg", Image.fromarray(photo_like(320, 240)), quality=90)
+    assert decode_scaled(path, size_wh=(160, 120), expect_size=(320, 240)).shape == (120, 160, 3)
+    with pytest.raises(ImageProblem, match="size changed"):
+        decode_scaled(path, size_wh=(160, 120), expect_size=(300, 240))

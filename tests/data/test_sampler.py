@@ -405,6 +405,33 @@ def test_malformed_state_is_an_error() -> None:
         _sampler().load_state_dict({"epoch": 0})
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("batches_done", None, "batches_done must be a whole number"),
+        ("batches_done", "3", "batches_done must be a whole number"),
+        ("batches_done", 1.0, "batches_done must be a whole number"),
+        ("batches_done", 10**6, "batches_done = 1000000 is outside"),
+        ("epoch", True, "epoch must be a whole number"),
+        ("epoch", -1, "epoch = -1 is outside"),
+        ("epoch", 10**30, "is outside"),
+        ("seed", "7", "different run"),
+    ],
+)
+def test_each_state_field_is_checked(field: str, value: object, message: str) -> None:
+    state = _sampler().state_dict()
+    state[field] = value
+    with pytest.raises(ValueError, match=message):
+        _sampler().load_state_dict(state)
+
+
+def test_a_state_of_another_dataset_with_the_same_layout_is_refused() -> None:
+    state = _sampler(dataset_id="photos-a").state_dict()
+    _sampler(dataset_id="photos-a").load_state_dict(state)
+    with pytest.raises(ValueError, match="dataset 'photos-a' != 'photos-b'"):
+        _sampler(dataset_id="photos-b").load_state_dict(state)
+
+
 # --- DataLoader ---------------------------------------------------------------------------------
 
 

@@ -49,6 +49,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
+from stoker.data.buckets import BucketSpec
+from stoker.data.captions import CaptionRules
 from stoker.errors import ConfigError, DatasetError
 from stoker.warn import warn
 
@@ -189,6 +191,9 @@ _JSONL_IMAGE_KEY = "image_path"
 _TOML_POSITION = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)$")
 
 
+_CAPTION_FIELDS = tuple(CaptionRules.__dataclass_fields__)
+
+
 class _Invalid(Exception):
     """A value that fails its check; the caller adds where it came from."""
 
@@ -310,6 +315,11 @@ class SubsetConfig:
                 f"{self.where or 'SubsetConfig'}: a {_KIND_LABELS[self.kind][0]} subset needs "
                 + " and ".join(missing)
             )
+        _with_where(self.where or "SubsetConfig", self.caption_rules)
+
+    def caption_rules(self) -> CaptionRules:
+        """The caption keys of this subset as a `CaptionRules` (same names as sd-scripts' keys)."""
+        return CaptionRules(**{name: getattr(self, name) for name in _CAPTION_FIELDS})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -367,6 +377,26 @@ class DatasetConfig:
         if not isinstance(self.validation, bool):
             raise ConfigError(f"{where}: validation must be true or false")
         _check_fields(self, skip=("subsets", "validation", "where"))
+        if any(side % 8 for side in self.resolution):
+            # No VAE of SD 1.x, 2.x, SDXL or SD3 takes a side that is not a multiple of 8 (the
+            # latent is 1/8 of it); without bucketing the image would be cropped to it as is.
+            raise ConfigError(
+                f"{where}: resolution = {list(self.resolution)}: each side must be a multiple of 8 "
+                f"(the VAE works on 8x8 blocks); use {[side - side % 8 for side in self.resolution]}"
+                " for example"
+            )
+        _with_where(where, self.bucket_spec)
+
+    def bucket_spec(self) -> BucketSpec:
+        """The bucket keys of this dataset as a `BucketSpec` (sd-scripts' keys map one to one)."""
+        return BucketSpec(
+            resolution=self.resolution,
+            enable_bucket=self.enable_bucket,
+            min_reso=self.min_bucket_reso,
+            max_reso=self.max_bucket_reso,
+            reso_steps=self.bucket_reso_steps,
+            no_upscale=self.bucket_no_upscale,
+        )
 
     @property
     def kind(self) -> SubsetKind:
@@ -394,6 +424,14 @@ class DatasetGroupConfig:
         object.__setattr__(self, "skipped_dirs", tuple(tuple(s) for s in self.skipped_dirs))
         if not self.datasets:
             raise ConfigError(f"{self.source or 'DatasetGroupConfig'}: no datasets")
+
+
+def _with_where(where: str, build: Any) -> None:
+    """Run a record's own validation, naming the file and table in its error."""
+    try:
+        build()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from stoker import torch_internals
-from stoker.data.buckets import BucketReport, BucketSpec, assign_buckets, bucket_report
-from stoker.data.captions import CaptionRules, process_caption
+from stoker.data.buckets import BucketReport, assign_buckets, bucket_report
+from stoker.data.captions import process_caption
 from stoker.data.catalog import Catalog, Problem, scan_dataset, stderr_progress
 from stoker.data.config import (
     DatasetConfig,
@@ -45,7 +45,7 @@ from stoker.data.images import (
     resize_crop,
 )
 from stoker.data.sampler import BucketBatchSampler, balance_reg_repeats
-from stoker.errors import DatasetError
+from stoker.errors import ConfigError, DatasetError
 from stoker.rng import Stream, keyed_rng
 from stoker.warn import warn
 
@@ -53,7 +53,6 @@ __all__ = ["DatasetReport", "StokerDataset", "load_dataset", "passthrough_collat
 
 OnError = Literal["raise", "skip", "warn"]
 Output = Literal["float", "uint8"]
-_CAPTION_FIELDS = tuple(f.name for f in dataclasses.fields(CaptionRules))
 # How many other images of the same bucket to try before giving up on a batch slot.
 _REPLACEMENT_TRIES = 8
 
@@ -99,10 +98,6 @@ def passthrough_collate(batch: Any) -> Any:
     return batch
 
 
-def _caption_rules(subset: SubsetConfig) -> CaptionRules:
-    return CaptionRules(**{name: getattr(subset, name) for name in _CAPTION_FIELDS})
-
-
 class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     """Images of one or more sd-scripts datasets with their buckets, repeats and caption rules.
 
@@ -128,6 +123,7 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         max_train_steps: int | None = None,
         output: Output = "float",
         fast_decode: bool = True,
+        on_error: OnError = "warn",
     ) -> None:
         self.catalog = catalog
         self.datasets = tuple(datasets)
@@ -137,17 +133,32 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.repeats = repeats
         self.batch_sizes = batch_sizes
         self.report = report
+        self.on_error = on_error
         self.seed = seed
         self.max_train_steps = max_train_steps
         self.output = output
         self.fast_decode = fast_decode
-        self.caption_rules = tuple(_caption_rules(s) for s in catalog.subsets)
+        self.caption_rules = tuple(s.caption_rules() for s in catalog.subsets)
         self.has_alpha = any(s.alpha_mask for s in catalog.subsets)
         self.has_conditioning = any(s.conditioning_data_dir is not None for s in catalog.subsets)
         self.decode_problems: list[Problem] = []  # filled in the main process by the loader
         # Set on the twin that worker processes run (`for_workers`): float batches cross the
         # worker queue as uint8, a quarter of the bytes, and `arrive` converts them.
         self.uint8_in_transit = False
+        self._catalog_id: str | None = None
+
+    @property
+    def report(self) -> DatasetReport:
+        """What the scan found, with the decode-time problems the loader has met so far."""
+        if not self.decode_problems:
+            return self._report
+        return dataclasses.replace(
+            self._report, problems=self._report.problems + tuple(self.decode_problems)
+        )
+
+    @report.setter
+    def report(self, value: DatasetReport) -> None:
+        self._report = value
 
     def __len__(self) -> int:
         return len(self.catalog)
@@ -207,7 +218,13 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             rank=rank,
             world_size=world_size,
             even_batches=even_batches,
+            dataset_id=self._dataset_id(),
         )
+
+    def _dataset_id(self) -> str:
+        if self._catalog_id is None:
+            self._catalog_id = self.catalog.fingerprint()
+        return self._catalog_id
 
     def batch_sizes_in_use(self) -> list[int]:
         """The distinct batch sizes of its datasets' configs."""
@@ -247,36 +264,62 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return self.__getitems__([key])
 
     def __getitems__(self, keys: Sequence[Sequence[int]]) -> dict[str, Any]:
+        """A batch of the samples at ``keys``.
+
+        A sample whose file fails to decode (or is no longer the size the scan saw) is replaced by
+        another image of its bucket; when none decodes, the slot is dropped and the batch is
+        smaller (an ``"empty"`` batch when nothing is left, which the loader skips). Either way the
+        files are in ``batch["replaced"]`` as `Problem` records, which the loader adds to
+        ``dataset.report``. With ``on_error="raise"`` the first such file raises `DatasetError`.
+        """
         samples, replaced = [], []
         for key in keys:
             sample, problems = self._sample_or_replacement(tuple(int(k) for k in key))
-            samples.append(sample)
+            if sample is not None:
+                samples.append(sample)
             replaced += problems
+        if not samples:
+            return {"empty": True, "replaced": replaced, "images": None, "captions": []}
         batch = _collate(samples, float_images=self.output == "float" and not self.uint8_in_transit)
         batch["replaced"] = replaced
+        _share_in_worker(batch)
         return batch
 
     # --- one sample ------------------------------------------------------------------------
 
     def _sample_or_replacement(
         self, key: tuple[int, ...]
-    ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    ) -> tuple[dict[str, Any] | None, list[Problem]]:
         epoch, position, image, step = key
-        problems: list[tuple[str, str]] = []
+        problems: list[Problem] = []
         try:
             return self._sample(image, epoch, position, step), problems
         except ImageProblem as err:
-            problems.append((self.catalog.paths[image], err.reason))
+            problems.append(self._decode_problem(image, err))
         # Only a failure pays for finding the bucket's other images.
         for index in self._replacements(image, epoch, position):
             try:
                 return self._sample(index, epoch, position, step), problems
             except ImageProblem as err:
-                problems.append((self.catalog.paths[index], err.reason))
-        tried = ", ".join(f"{p} ({r})" for p, r in problems)
-        raise DatasetError(
-            f"no image of this bucket could be decoded for sample {position} of epoch {epoch}; "
-            f"tried: {tried}. Check these files (stoker scan lists bad files)."
+                problems.append(self._decode_problem(index, err))
+        # Nothing in the bucket decodes: the slot is dropped, the epoch goes on.
+        problems[0] = dataclasses.replace(problems[0], action="skipped")
+        return None, problems
+
+    def _decode_problem(self, index: int, err: ImageProblem) -> Problem:
+        path = self.catalog.paths[index]
+        if self.on_error == "raise":
+            raise DatasetError(
+                f"{path}: {err.reason} (found while making a batch; on_error='raise'). Fix or "
+                "remove the file, or load with on_error='warn' to replace and report it."
+            )
+        return Problem(
+            path=path,
+            reason=err.reason,
+            kind="size_changed" if err.size_changed else "decode_failed",
+            subset=int(self.catalog.subset[index]),
+            stage="decode",
+            action="replaced",
         )
 
     def _replacements(self, image: int, epoch: int, position: int) -> list[int]:
@@ -301,10 +344,10 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         flip = bool(subset.flip_aug and rng.random() < 0.5)
         face = parse_face_info(Path(path).stem) if subset.face_crop_aug_range else None
         if face is not None and not dataset.enable_bucket:
-            pixels = self._face_sample(path, subset, face, bucket, rng, interpolation, flip)
+            pixels = self._face_sample(index, subset, face, bucket, rng, interpolation, flip)
             crop = (0, 0)
         else:
-            img = self._decode(path, resized, alpha=subset.alpha_mask)
+            img = self._decode(path, resized, alpha=subset.alpha_mask, expect_size=original_wh)
             pixels = _fit(img, subset, resized, bucket, rng, interpolation, flip, self.fast_decode)
             crop = conditioning_crop_top_left(original_wh, bucket, flipped=flip)
         if subset.color_aug:
@@ -328,15 +371,22 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             )
         return sample
 
-    def _decode(self, path: str, resized: tuple[int, int], *, alpha: bool) -> Any:
+    def _decode(
+        self,
+        path: str,
+        resized: tuple[int, int],
+        *,
+        alpha: bool,
+        expect_size: tuple[int, int] | None = None,
+    ) -> Any:
         """The fast path (JPEG at a reduced DCT scale) or the exact one (full decode, Pillow)."""
         if self.fast_decode:
-            return decode_scaled(path, size_wh=resized, alpha=alpha)
-        return open_image(path, alpha=alpha)
+            return decode_scaled(path, size_wh=resized, alpha=alpha, expect_size=expect_size)
+        return open_image(path, alpha=alpha, expect_size=expect_size)
 
     def _face_sample(
         self,
-        path: str,
+        index: int,
         subset: SubsetConfig,
         face: tuple[int, int, int, int],
         bucket: tuple[int, int],
@@ -345,7 +395,9 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         flip: bool,
     ) -> np.ndarray:
         assert subset.face_crop_aug_range is not None
-        img = np.asarray(open_image(path, alpha=subset.alpha_mask))
+        path = self.catalog.paths[index]
+        original_wh = (int(self.catalog.widths[index]), int(self.catalog.heights[index]))
+        img = np.asarray(open_image(path, alpha=subset.alpha_mask, expect_size=original_wh))
         out = face_crop(
             img,
             face_center_wh=(face[0], face[1]),
@@ -440,6 +492,22 @@ def _collate(samples: list[dict[str, Any]], *, float_images: bool) -> dict[str, 
         cond = [s["conditioning"] for s in samples]
         batch["conditioning_images"] = _planes(cond, float_images=float_images)
     return batch
+
+
+def _share_in_worker(batch: dict[str, Any]) -> None:
+    """In a loader worker, move the batch's tensors into shared memory now.
+
+    PyTorch otherwise does it in the worker's queue thread while pickling, where a full /dev/shm
+    only prints "unable to allocate shared memory" and drops the batch: the worker lives on and the
+    training loop waits forever. Here the error is raised in the worker's own loop, reaches the main
+    process within the batch, and the loader turns it into ``SharedMemoryFull``. The copy is the one
+    PyTorch would make anyway (a tensor already in shared memory is sent as is).
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            value.share_memory_()  # type: ignore[no-untyped-call]
 
 
 _HALF_RANGE = np.float32(127.5)
@@ -562,6 +630,7 @@ def load_dataset(
         resolution=resolution,
         overrides=overrides,
     )
+    _check_warmup(group, max_train_steps)
     if threads is None:
         from stoker.system.cpu import cpu_budget
 
@@ -612,11 +681,25 @@ def _read_source(
     return config_from_metadata(source, image_dir=image_dir, **extra)
 
 
+def _check_warmup(group: DatasetGroupConfig, max_train_steps: int | None) -> None:
+    """A token warm-up given as a fraction of training needs the length of training, now."""
+    if max_train_steps is not None:
+        return
+    for dataset in group.datasets:
+        for subset in dataset.subsets:
+            if 0 < subset.token_warmup_step < 1:
+                raise ConfigError(
+                    f"{subset.where}: token_warmup_step = {subset.token_warmup_step} is a fraction "
+                    "of max_train_steps, which is not known; pass load_dataset(..., "
+                    "max_train_steps=N), or give token_warmup_step as a step count (>= 1)"
+                )
+
+
 def _is_dataset_config(path: Path) -> bool:
     import json
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return True  # let the config parser report the problem with the file's name
     return isinstance(data, dict) and ("datasets" in data or "general" in data)
@@ -667,14 +750,7 @@ def _build(
     reports = []
     for d, dataset in enumerate(group.datasets):
         members = np.flatnonzero(_dataset_of(catalog) == d)
-        spec = BucketSpec(
-            resolution=dataset.resolution,
-            enable_bucket=dataset.enable_bucket,
-            min_reso=dataset.min_bucket_reso,
-            max_reso=dataset.max_bucket_reso,
-            reso_steps=dataset.bucket_reso_steps,
-            no_upscale=dataset.bucket_no_upscale,
-        )
+        spec = dataset.bucket_spec()
         sizes = np.stack([catalog.widths[members], catalog.heights[members]], axis=1)
         assignment = assign_buckets(sizes.reshape(-1, 2), spec)
         bucket_wh[members], resized_wh[members] = assignment.bucket_wh, assignment.resized_wh
@@ -682,7 +758,13 @@ def _build(
         for member, good, reason in zip(members, assignment.ok, assignment.reasons, strict=True):
             if not good:
                 problems.append(
-                    Problem(path=catalog.paths[int(member)], reason=reason, stage="bucket")
+                    Problem(
+                        path=catalog.paths[int(member)],
+                        reason=reason,
+                        kind="too_small",
+                        subset=int(catalog.subset[int(member)]),
+                        stage="bucket",
+                    )
                 )
         reports.append(bucket_report(assignment))
     _apply_policy(problems, on_error, source)
@@ -701,6 +783,7 @@ def _build(
         max_train_steps=max_train_steps,
         output=output,
         fast_decode=fast_decode,
+        on_error=on_error,
     )
 
 
@@ -721,6 +804,7 @@ def _finish(
     max_train_steps: int | None,
     output: Output,
     fast_decode: bool,
+    on_error: OnError,
 ) -> StokerDataset:
     owner = _dataset_of(catalog)
     # A batch group is one (dataset, bucket) pair: batches never mix datasets or buckets.
@@ -757,6 +841,7 @@ def _finish(
         max_train_steps=max_train_steps,
         output=output,
         fast_decode=fast_decode,
+        on_error=on_error,
     )
     batches = len(dataset.make_batch_sampler(seed=seed, shuffle=False))
     dataset.report = DatasetReport(
@@ -790,7 +875,10 @@ def _repeats(catalog: Catalog, owner: np.ndarray) -> tuple[np.ndarray, list[str]
 def _subset_summaries(
     catalog: Catalog, repeats: np.ndarray, problems: list[Problem]
 ) -> tuple[SubsetSummary, ...]:
-    missing = [p.path for p in problems if p.reason.startswith("no caption file")]
+    missing = np.zeros(len(catalog.subsets), np.int64)
+    for p in problems:
+        if p.kind == "missing_caption" and p.subset is not None:
+            missing[p.subset] += 1
     summaries = []
     for s, subset in enumerate(catalog.subsets):
         members = catalog.subset == s
@@ -804,7 +892,7 @@ def _subset_summaries(
                 num_repeats=subset.num_repeats,
                 images=int(members.sum()),
                 samples_per_epoch=int(repeats[members].sum()),
-                missing_captions=sum(1 for m in missing if prefix and m.startswith(prefix)),
+                missing_captions=int(missing[s]),
             )
         )
     return tuple(summaries)

@@ -231,8 +231,12 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         rank: int = 0,
         world_size: int = 1,
         even_batches: Literal["pad", "drop"] = "pad",
+        dataset_id: str = "",
     ) -> None:
         self._groups, self._repeats, self._batch_sizes = _check_arrays(groups, repeats, batch_sizes)
+        # What the arrays were built from (a digest of image paths and sizes): a state saved over
+        # another dataset with the same layout must not resume here.
+        self.dataset_id = str(dataset_id)
         _check_ranks(rank, world_size, even_batches)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
@@ -346,8 +350,9 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
 
         Returns:
             ``version``, ``seed``, ``epoch``, ``batches_done``, ``world_size``, ``rank``,
-            ``shuffle``, ``even_batches`` and ``fingerprint`` (a digest of the three arrays). A
-            finished epoch is reported as the start of the next one.
+            ``shuffle``, ``even_batches``, ``fingerprint`` (a digest of the three arrays) and, when
+            the sampler was given one, ``dataset`` (the dataset's ``dataset_id``). A finished epoch
+            is reported as the start of the next one.
         """
         epoch, done = self._next_epoch, self._next_start
         if self._current is not None:
@@ -368,6 +373,7 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
             "shuffle": self.shuffle,
             "even_batches": self.even_batches,
             "fingerprint": self._fingerprint(),
+            **({"dataset": self.dataset_id} if self.dataset_id else {}),
         }
 
     def _current_done(self, consumed_batches: int | None) -> int:
@@ -391,10 +397,11 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
                 seed, shuffle, world size or padding policy, where "the remaining batches" would
                 mean something else.
         """
+        if not isinstance(state, dict):
+            raise ValueError(f"sampler state must be a dict from state_dict(), got {type(state)}")
         _check_state_matches(state, self._identity())
-        epoch, done = int(state["epoch"]), int(state["batches_done"])
-        if epoch < 0 or done < 0:
-            raise ValueError(f"state has a negative epoch or batch count: {epoch}, {done}")
+        epoch = _state_int(state, "epoch", _MAX_EPOCH)
+        done = _state_int(state, "batches_done", self._per_rank)
         if done >= self._per_rank:
             epoch, done = epoch + 1, 0
         self._next_epoch, self._next_start = epoch, done
@@ -407,6 +414,7 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
             "shuffle": self.shuffle,
             "even_batches": self.even_batches,
             "fingerprint": self._fingerprint(),
+            **({"dataset": self.dataset_id} if self.dataset_id else {}),
         }
 
     def _fingerprint(self) -> str:
@@ -508,6 +516,22 @@ def _check_ranks(rank: int, world_size: int, even_batches: str) -> None:
         )
     if even_batches not in ("pad", "drop"):
         raise ValueError(f"even_batches must be 'pad' or 'drop', got {even_batches!r}")
+
+
+_MAX_EPOCH = 2**31 - 1  # no run trains for more; larger numbers are corrupt states
+
+
+def _state_int(state: dict[str, Any], key: str, most: int) -> int:
+    """A whole-number field of a state, checked for type and range (never coerced)."""
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(
+            f"sampler state field {key} must be a whole number, got {value!r}; pass a "
+            "state_dict() result unchanged"
+        )
+    if not 0 <= value <= most:
+        raise ValueError(f"sampler state field {key} = {value} is outside 0..{most}")
+    return value
 
 
 def _check_state_matches(state: dict[str, Any], identity: dict[str, Any]) -> None:

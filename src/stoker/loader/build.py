@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from stoker import torch_internals
 from stoker.data.protocol import BatchingDataset, ResumableBatchSampler
+from stoker.errors import Problem
 from stoker.loader.failures import explain_failure, stop_workers
 from stoker.monitor import (
     InputMonitor,
@@ -110,7 +111,7 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
                 except StopIteration:
                     return
                 except (RuntimeError, ConnectionError, EOFError) as err:
-                    raise explain_failure(err, inner, self) from err
+                    raise explain_failure(err, inner, self, index) from err
                 if arrive is not None:
                     batch = arrive(batch)
                 if monitor is not None and monitor.record(asked, clock(), batch_samples(batch)):
@@ -120,6 +121,8 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
                 if consumed is not None:
                     consumed()
                 index += 1
+                if isinstance(batch, dict) and batch.get("empty"):
+                    continue  # every file of the batch failed; they are reported above
                 yield batch
         except GeneratorExit:
             self._stop_early(inner)
@@ -210,20 +213,22 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
             return str(context.get_start_method())
         return default_start_method()
 
-    def _record_replaced(self, replaced: list[tuple[str, str]], index: int = 0) -> None:
-        from stoker.data.catalog import Problem
-
+    def _record_replaced(self, replaced: list[Problem], index: int = 0) -> None:
         if self.monitor is not None:
             # PyTorch hands batch indices to workers round robin, so batch k came from k % n.
             self.monitor.record_errors(index % max(self.num_workers, 1), len(replaced))
         known = self.decode_problems
-        for path, reason in replaced:
-            problem = Problem(path=path, reason=reason, stage="decode", action="replaced")
+        for problem in replaced:
             if problem not in known:
                 known.append(problem)
+                what = (
+                    "it was replaced by another image of its bucket"
+                    if problem.action == "replaced"
+                    else "no other image of its bucket decoded, so its batch is one sample short"
+                )
                 warn(
-                    f"stoker could not decode {path} ({reason}); it was replaced by another "
-                    "image of its bucket. Fix or remove the file; stoker scan lists bad files.",
+                    f"stoker could not decode {problem.path} ({problem.reason}); {what}. Fix or "
+                    "remove the file; dataset.report.problems lists it, stoker scan lists bad files.",
                     once=False,
                 )
 

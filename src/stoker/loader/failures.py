@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from stoker import torch_internals
 from stoker.data.protocol import BatchingDataset
-from stoker.errors import SharedMemoryFull, WorkerFailed
+from stoker.errors import LoaderTimeout, SharedMemoryFull, WorkerFailed
 
 if TYPE_CHECKING:
     from stoker.loader.build import StokerLoader
@@ -27,18 +27,28 @@ _SHM_SIGNS = (
 )
 
 
-def explain_failure(err: Exception, inner: Any, loader: StokerLoader) -> Exception:
+def explain_failure(err: Exception, inner: Any, loader: StokerLoader, index: int = 0) -> Exception:
     """Turn PyTorch's worker-failure errors into ones that say which worker, what, and the fix.
 
     A dead worker shows up as PyTorch's RuntimeError ("killed by signal", "exited unexpectedly")
     or, when the batch it was handing over is cut off, as a ConnectionResetError or EOFError;
-    the workers' exit codes tell which one died either way.
+    the workers' exit codes tell which one died either way. PyTorch's "DataLoader timed out"
+    becomes ``LoaderTimeout`` naming batch ``index`` of the epoch and the files outstanding.
     """
     text = str(err)
+    if "DataLoader timed out" in text:
+        loading = _what_workers_loaded(inner, loader, set(range(loader.num_workers)))
+        stop_workers(inner)
+        return LoaderTimeout(
+            f"batch {index} of this epoch did not arrive within timeout={loader.timeout} s; the "
+            f"workers were loading: {loading}. Raise timeout (0 waits forever), or check these "
+            "files: a slow network disk, or an image far larger than the rest."
+        )
     if any(sign in text for sign in _SHM_SIGNS):
         stop_workers(inner)
+        cause = [line for line in text.splitlines() if line.strip()][-1].strip()
         return SharedMemoryFull(
-            f"workers could not hand batches to the main process: shared memory is full ({text}). "
+            f"workers could not hand batches to the main process: shared memory is full ({cause}). "
             "Give the container more (docker run --shm-size=8g), or use fewer workers, a smaller "
             "prefetch_factor, or output='uint8' (4x fewer bytes per batch)."
         )

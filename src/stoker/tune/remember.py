@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
+from stoker import version
+from stoker.data.inputs import UnusableFile, read_bounded
 from stoker.files import atomic_write_text
 from stoker.plan import LoaderRequest, MeasuredChoice, Measurement
 from stoker.system.cpu import Budget
 from stoker.system.memory import MemoryBudget
-from stoker.version import __version__
 from stoker.warn import warn
 
 __all__ = [
@@ -54,7 +55,7 @@ def cache_key(
 ) -> dict[str, Any]:
 
     return {
-        "stoker": __version__,
+        "stoker": version.__version__,
         "torch": torch.__version__,
         "dataset": fingerprint,
         "budget": {"cpus": budget.cpus, "node_cpus": budget.node_cpus, "ranks": budget.local_ranks},
@@ -70,13 +71,44 @@ def cache_path(folder: Path, key: Mapping[str, Any]) -> Path:
 
 
 def read_cache(path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The remembered record for ``key``, or None; a corrupt file is ignored with one warning."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # missing, or not ours: measure again and overwrite it
+        data = json.loads(read_bounded(path, _CACHE_LIMIT_BYTES).decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnusableFile, ValueError, RecursionError) as err:
+        _ignore_cache(path, str(err) or type(err).__name__)
+        return None
     if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or data.get("key") != key:
+        return None  # another format or another question: measured again, file replaced
+    try:
+        choice = choice_from(data)
+        memory = data.get("worker_memory_bytes")
+        valid = (
+            type(data["choice"]["workers"]) is int
+            and 0 <= choice.workers <= _MOST_WORKERS
+            and (choice.prefetch_factor is None or _positive_int(choice.prefetch_factor))
+            and (memory is None or (type(memory) is int and memory >= 0))
+        )
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as err:
+        _ignore_cache(path, f"{type(err).__name__}: {err}")
+        return None
+    if not valid:
+        _ignore_cache(path, "a worker count, prefetch factor or memory size out of range")
         return None
     return data
+
+
+_CACHE_LIMIT_BYTES = 1 << 24  # a record is a few kB; anything near this is not ours
+_MOST_WORKERS = 1024  # far above any CPU budget; a larger cached count is corrupt
+
+
+def _positive_int(value: object) -> bool:
+    return type(value) is int and value >= 1
+
+
+def _ignore_cache(path: Path, why: str) -> None:
+    warn(f"ignored the tuning cache {path} ({why}); measuring again and replacing it", once=False)
 
 
 def choice_from(data: Mapping[str, Any]) -> MeasuredChoice:
