@@ -304,7 +304,8 @@ def test_every_source_conforms_deterministic_and_resumable(kind, augmented, tmp_
     if kind == "toml":
         dataset = augmented
     else:
-        sample = write_sample_dataset(tmp_path / "s", images=10)
+        # Not tmp_path / "s": the augmented fixture has written (and edited) a dataset there.
+        sample = write_sample_dataset(tmp_path / "source", images=10)
         dataset = _augmented_source(sample, kind, tmp_path)
 
     def build(*, seed, workers):
