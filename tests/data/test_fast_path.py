@@ -330,3 +330,17 @@ def test_expect_size_is_checked_before_decoding(tmp_path: Path, decoder: str) ->
     assert decode_scaled(path, size_wh=(160, 120), expect_size=(320, 240)).shape == (120, 160, 3)
     with pytest.raises(ImageProblem, match="size changed"):
         decode_scaled(path, size_wh=(160, 120), expect_size=(300, 240))
+
+
+def test_the_workers_twin_keeps_a_subclass(tmp_path: Path) -> None:
+    class Custom(stoker.StokerDataset):
+        pass
+
+    folder = tmp_path / "1_set"
+    folder.mkdir()
+    Image.fromarray(photo_like(320, 240)).save(folder / "a.jpg", quality=90)
+    (folder / "a.txt").write_text("a photo\n", encoding="utf-8")
+    ds = stoker.load_dataset(tmp_path, resolution=256, progress=None)
+    ds.__class__ = Custom
+    twin = ds.for_workers()
+    assert type(twin) is Custom and twin.uint8_in_transit and not ds.uint8_in_transit

@@ -180,7 +180,7 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         """
         if self.output != "float":
             return self
-        twin = object.__new__(StokerDataset)
+        twin = object.__new__(type(self))  # a subclass stays itself in the workers
         twin.__dict__.update(self.__dict__)
         twin.uint8_in_transit = True
         return twin
