@@ -106,3 +106,20 @@ def test_new_shared_tensor_is_in_shared_memory_with_the_shape_asked_for():
     assert tensor.is_contiguous()
     tensor.fill_(0.5)
     assert float(tensor.sum()) == 0.5 * 120
+
+
+def test_dataloader_draws_from_index_sampler_which_a_subclass_can_override():
+    # StokerLoader relies on this: batch_sampler shows every rank's batches, _index_sampler is
+    # what the loader iterates and counts (see stoker.loader.build).
+    from torch.utils.data import DataLoader
+
+    assert isinstance(DataLoader.__dict__["_index_sampler"], property)
+
+    class Evens(DataLoader):
+        @property
+        def _index_sampler(self):
+            return [[0], [2]]
+
+    loader = Evens(list(range(4)), batch_sampler=[[0], [1], [2], [3]])
+    assert len(loader) == 2
+    assert [int(b[0]) for b in loader] == [0, 2]

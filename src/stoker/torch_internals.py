@@ -14,7 +14,10 @@ for a reason a public API does not cover:
 - ``DataLoader._iterator``: the iterator that holds persistent workers;
 - ``UntypedStorage._new_shared``: build a worker's batch in shared memory from the start, as
   torch's own ``default_collate`` does, so sending it to the main process copies nothing
-  (`new_shared_tensor`; issue #11).
+  (`new_shared_tensor`; issue #11);
+- ``DataLoader._index_sampler`` (the sampler the iterators draw from and ``len()`` counts):
+  ``StokerLoader`` overrides it to iterate this rank's batches while ``batch_sampler`` shows every
+  rank's, so accelerate's ``prepare`` re-shards to the same split (``loader.build``).
 
 Written against torch ``TESTED_TORCH``. When a member is missing (a torch release changed it),
 stoker warns once and falls back to plain DataLoader behaviour for that feature; nothing else
