@@ -11,7 +11,10 @@ for a reason a public API does not cover:
   workers off torch's SIGCHLD watch, so a dead worker is reported at the next batch with its name
   instead of from whatever line the training loop runs;
 - ``_shutdown_workers``: stop workers now after a failure, so none is left as a zombie;
-- ``DataLoader._iterator``: the iterator that holds persistent workers.
+- ``DataLoader._iterator``: the iterator that holds persistent workers;
+- ``UntypedStorage._new_shared``: build a worker's batch in shared memory from the start, as
+  torch's own ``default_collate`` does, so sending it to the main process copies nothing
+  (`new_shared_tensor`; issue #11);
 - ``DataLoader._index_sampler`` (the sampler the iterators draw from and ``len()`` counts):
   ``StokerLoader`` overrides it to iterate this rank's batches while ``batch_sampler`` shows every
   rank's, so accelerate's ``prepare`` re-shards to the same split (``loader.build``).
@@ -33,6 +36,7 @@ from stoker.warn import warn
 __all__ = [
     "TESTED_TORCH",
     "missing_internals",
+    "new_shared_tensor",
     "outstanding_tasks",
     "persistent_iterator",
     "shutdown_workers",
@@ -136,6 +140,23 @@ def shutdown_workers(inner: Any) -> None:
         _degraded("_shutdown_workers", "stopping workers right after a failure")
         return
     stop()
+
+
+def new_shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in shared memory, or an ordinary one when torch lacks the way.
+
+    Called inside DataLoader workers, so it never warns (stoker warns from the main process only);
+    the canary test names the member if an upgrade removes it, and batches are then copied into
+    shared memory by torch as before.
+    """
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if not callable(new_shared):
+        return torch.empty(shape, dtype=dtype)
+    nbytes = dtype.itemsize
+    for side in shape:
+        nbytes *= side
+    storage: torch.UntypedStorage = new_shared(nbytes)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 def persistent_iterator(loader: Any) -> Any:

@@ -111,6 +111,8 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
         _warn_if_ranks_disagree(self.rank_sampler)
         resumable = self.resumable_sampler
         consumed = resumable.mark_consumed if resumable is not None else None
+        # A batching dataset finishes its batches here, in the main process (uint8 -> float).
+        arrive = self.dataset.arrive if isinstance(self.dataset, BatchingDataset) else None
         monitor = self.monitor
         inner = super().__iter__()
         torch_internals.unwatch_worker_exits(inner)
@@ -129,6 +131,8 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
                     return
                 except (RuntimeError, ConnectionError, EOFError) as err:
                     raise explain_failure(err, inner, self, index) from err
+                if arrive is not None:
+                    batch = arrive(batch)
                 if monitor is not None and monitor.record(asked, clock(), batch_samples(batch)):
                     self._warn_input_bound()
                 if isinstance(batch, dict) and batch.get("replaced"):
@@ -289,6 +293,8 @@ def build_loader(
             _tell_batch_size_ignored(batch_size, dataset)
         kwargs.setdefault("collate_fn", dataset.collate_fn)
         batch_size, shuffle = 1, False
+        if plan.num_workers > 0:
+            dataset = dataset.for_workers()  # e.g. float batches cross the queue as uint8
     loader = StokerLoader(
         dataset,
         batch_size=batch_size,
