@@ -132,3 +132,14 @@ def test_stats_count_replaced_files_per_worker():
     stats = loader.stats()
     assert stats.errors_by_worker == (3,)
     assert [p.path for p in stats.decode_problems] == ["bad0.jpg", "bad1.jpg", "bad2.jpg"]
+
+
+def test_the_input_bound_warning_has_its_own_class_and_never_fails_the_suite():
+    from stoker import InputBoundWarning
+    from stoker.monitor import warn_input_bound
+
+    assert issubclass(InputBoundWarning, StokerWarning)
+    with pytest.warns(InputBoundWarning, match="waited"):
+        warn_input_bound("training waited for data 90% of the time", 1)
+    # pyproject's filterwarnings ignores it: a loaded machine cannot turn it into a failure
+    warn_input_bound("training waited for data 90% of the time on a busy machine", 1)

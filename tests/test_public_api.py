@@ -9,6 +9,7 @@ EXPECTED = [
     "ConfigError",
     "DatasetError",
     "DatasetReport",
+    "InputBoundWarning",
     "InputMonitor",
     "Limit",
     "LoaderPlan",

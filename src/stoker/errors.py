@@ -8,6 +8,8 @@
   - ``WorkerFailed`` (also a ``RuntimeError``): a loader worker died; names it and what it loaded.
   - ``SharedMemoryFull`` (also a ``RuntimeError``): ``/dev/shm`` is too small for the batches.
 - ``StokerWarning``: every warning stoker issues, so users can filter them in one line.
+  - ``InputBoundWarning``: the training loop waits for data (``stoker.monitor``); it depends on
+    how busy the machine is, so it has its own class to filter (the test suite ignores it).
 
 Every message says what went wrong, where (file, table, key, image path) and how to fix it.
 """
@@ -41,3 +43,7 @@ class SharedMemoryFull(StokerError, RuntimeError):
 
 class StokerWarning(UserWarning):
     """A setting was changed or a problem was worked around; the message says what and why."""
+
+
+class InputBoundWarning(StokerWarning):
+    """The training loop waited for data more than the monitor's threshold (``stoker.monitor``)."""

@@ -27,6 +27,8 @@ import torch
 import torch.multiprocessing
 from torch.utils.data import DataLoader
 
+from stoker.autotune.driver import LiveTuning
+from stoker.autotune.edges import start_live, tunes_live
 from stoker.budget import Budget, cpu_budget
 from stoker.errors import SharedMemoryFull, StokerWarning, WorkerFailed
 from stoker.monitor import (
@@ -234,39 +236,64 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
     seed: int
     monitor: InputMonitor | None = None
     _live: Any = None
+    _tuning: LiveTuning | None = None
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator over torch's
         sampler = self.batch_sampler
         consumed = getattr(sampler, "mark_consumed", None)
         monitor = self.monitor
-        inner = super().__iter__()
-        _unwatch_worker_exits(inner)
-        # A weak reference: a loop that breaks early must not keep the workers alive.
-        self._live = weakref.ref(inner)
+        tuning = self._tuning  # live tuning (stoker.autotune): it switches workers between batches
+        if tuning is not None:
+            tuning.start_epoch()
+            if tuning.pending is not None:  # decided on the last epoch's last batch
+                tuning.switch(self, **_position(sampler, epoch_start=True), reposition=False)
+        timed = monitor is not None or tuning is not None
         clock = monitor.clock if monitor is not None else time.perf_counter
+        inner = self._start_workers()
         if monitor is not None:
             monitor.start_epoch()
         index = 0
+        asked = 0.0
+        switched = False
         try:
             while True:
-                asked = clock() if monitor is not None else 0.0
+                if timed and not switched:  # after a switch, the wait began before it
+                    asked = clock()
+                switched = False
                 try:
                     batch = next(inner)
                 except StopIteration:
-                    return
+                    if tuning is None or not tuning.draining or _epoch_done(sampler):
+                        return
+                    # Every batch asked for is handed out: continue with the new count.
+                    tuning.switch(self, **_position(sampler), reposition=True)
+                    inner = self._start_workers()
+                    switched = True
+                    continue
                 except (RuntimeError, ConnectionError, EOFError) as err:
                     raise _explain_failure(err, inner, self) from err
-                if monitor is not None and monitor.record(asked, clock(), batch_samples(batch)):
+                got = clock() if timed else 0.0
+                if monitor is not None and monitor.record(asked, got, batch_samples(batch)):
                     self._warn_input_bound()
                 if isinstance(batch, dict) and batch.get("replaced"):
                     self._record_replaced(batch["replaced"], index)
                 if consumed is not None:
                     consumed()
+                if tuning is not None:
+                    tuning.observe(self, inner, asked, got, batch)
                 index += 1
                 yield batch
         except GeneratorExit:
             self._stop_early(inner)
             raise
+
+    def _start_workers(self) -> Any:
+        """Torch's iterator for this epoch (or the rest of it, after a switch)."""
+        inner = super().__iter__()
+        _unwatch_worker_exits(inner)
+        # A weak reference: a loop that breaks early must not keep the workers alive.
+        self._live = weakref.ref(inner)
+        return inner
 
     def _stop_early(self, inner: Any) -> None:
         """The loop left mid-epoch: stop non-forked workers only once they are idle.
@@ -300,9 +327,12 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
                 "use make_loader(..., monitor=True), the default"
             )
         problems = getattr(self.dataset, "decode_problems", None)
+        tuning = self._tuning
         return self.monitor.stats(
             workers=self.num_workers,
             decode_problems=tuple(problems) if isinstance(problems, list) else (),
+            switches=tuple(tuning.switches) if tuning is not None else (),
+            tuning=tuning.reason if tuning is not None else None,
         )
 
     def worker_pids(self) -> list[int]:
@@ -320,7 +350,9 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
             workers=self.num_workers,
             max_workers=max_useful_workers(budget),
             budget=f"{budget.cpus} CPUs, {budget.source}",
-            measured=plan is not None and plan.request.workers == "auto",
+            measured=plan is not None
+            and plan.request.workers == "auto"
+            or self._tuning is not None,
             output=getattr(self.dataset, "output", None),
             fast_decode=getattr(self.dataset, "fast_decode", None),
         )
@@ -433,7 +465,20 @@ def make_loader(
         seed = getattr(dataset, "seed", None)
         seed = secrets.randbits(63) if seed is None else seed
     measured = None
-    if "auto" in (request.workers, request.prefetch_factor) and hasattr(dataset, "__len__"):
+    live = None
+    if tunes_live(request, dataset, resolve_budget(budget), dataloader_kwargs):
+        # --- live tuning (stoker.autotune): start from a remembered or the budget's count ---
+        live_budget = resolve_budget(budget)
+        live = start_live(
+            dataset,
+            request,
+            live_budget,
+            batch_size=batch_size,
+            accelerator=_cuda_available(),
+            plan_for=lambda fixed: plan_request(fixed, budget=live_budget, warn=False),
+        )
+        tell(live.plan.adjustments)
+    elif "auto" in (request.workers, request.prefetch_factor) and hasattr(dataset, "__len__"):
         # Deferred import: tune builds its probe loaders with make_loader (tune -> loader).
         from stoker.tune import tune_loader
 
@@ -448,7 +493,9 @@ def make_loader(
             loader_kwargs=dataloader_kwargs,
         )
         measured = result.choice
-    plan = plan_request(request, budget=budget, measured=measured)
+    plan = (
+        live.plan if live is not None else plan_request(request, budget=budget, measured=measured)
+    )
     generator = torch.Generator()
     generator.manual_seed(seed)
     worker_init = WorkerInit(seed, dataloader_kwargs.pop("worker_init_fn", None))
@@ -481,11 +528,27 @@ def make_loader(
     )
     loader.plan = plan
     loader.seed = seed
+    loader._tuning = live.tuning if live is not None else None
     if monitor is True:
         loader.monitor = InputMonitor()
     elif isinstance(monitor, InputMonitor):
         loader.monitor = monitor
     return loader
+
+
+def _position(sampler: Any, *, epoch_start: bool = False) -> dict[str, int]:
+    """Where the run is, for a switch's record: the epoch and the batches of it handed out."""
+    state = sampler.state_dict()
+    return {
+        "epoch": int(state["epoch"]),
+        "batch_in_epoch": 0 if epoch_start else int(state["batches_done"]),
+    }
+
+
+def _epoch_done(sampler: Any) -> bool:
+    """Whether the epoch in progress is finished: its sampler reports the next one's start (at
+    least one batch of it was handed out, or no switch would be under way)."""
+    return int(sampler.state_dict()["batches_done"]) == 0
 
 
 _DEAD_WORKER = re.compile(r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\)(.*)")
