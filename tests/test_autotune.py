@@ -234,3 +234,15 @@ def test_the_settled_count_keeps_up_when_any_count_can(capacity, consumer):
     else:  # nothing measured keeps up: the settled count is within 3% of the best measured
         best = max(w.work_per_second for w in tuner.windows.values())
         assert chosen.work_per_second >= 0.97 * best - 1e-9
+
+
+def test_work_is_source_megapixels_where_the_batch_tells_them():
+    import torch
+
+    from stoker.autotune.driver import batch_work
+
+    batch = {"original_sizes_hw": torch.tensor([[1000, 2000], [500, 400]]), "images": None}
+    assert batch_work(batch) == (2.2, "Mpx")
+    assert batch_work(torch.zeros(3, 2)) == (3.0, "samples")
+    w = Window(workers=2, batches=10, samples=20, work=22.0, unit="Mpx", wait_seconds=1.0)
+    assert w.describe() == "2 workers 10 batches/s (22 Mpx/s), waited 100% (10 batches)"

@@ -37,7 +37,7 @@ class Scripted(LiveTuner):
         super().__init__(start=start, candidates=[0, 1, 2])
         self.loader, self.script = loader, dict(script)
 
-    def observe(self, wait_seconds, step_seconds, work):
+    def observe(self, wait_seconds, step_seconds, work, **_):
         sampler = self.loader.batch_sampler
         epoch, done = sampler._current, sampler._consumed
         to = self.script.pop((epoch, done), None)

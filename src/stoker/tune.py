@@ -83,6 +83,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stoker.autotune.edges import tunes_live
 from stoker.budget import (
     Budget,
     _ancestors,
@@ -782,6 +783,8 @@ def tune_loader(
         clock=clock,
         began=began,
     )
+    if loader_factory is None and tunes_live(request, dataset, budget, loader_kwargs or {}):
+        return _tune_live(context, seed, cache, loader_kwargs or {})  # stoker.autotune
     fingerprint = dataset_fingerprint(dataset) if cache else None
     path = None
     if fingerprint is not None:
@@ -824,6 +827,56 @@ def tune_loader(
     if path is not None:
         _remember(path, {**record, "key": key})
     return context.result(choice, record, cached=False, path=path)
+
+
+# --- live tuning (stoker.autotune): a stoker dataset is tuned by running its loader ---------------
+
+
+def _tune_live(
+    context: _Context, seed: int, cache: bool, loader_kwargs: Mapping[str, Any]
+) -> TuneResult:
+    """``tune_loader`` for a dataset the loader tunes live: the same loader and rules, over up to
+    two epochs, with no consumer (or one that sleeps ``1 / consumer_rate`` s per batch)."""
+    from stoker.autotune.driver import measurements_of
+    from stoker.autotune.offline import run_without_training
+
+    loader = make_loader(
+        context.dataset,
+        workers="auto",
+        persistent=context.request.persistent,
+        pin_memory=context.request.pin_memory,
+        timeout=context.request.timeout,
+        start_method=context.request.start_method,
+        seed=seed,
+        budget=context.budget,
+        monitor=False,
+        **{k: v for k, v in loader_kwargs.items() if k != "batch_sampler"},
+    )
+    tuning = loader._tuning
+    assert tuning is not None  # tunes_live() said the loader would have one
+    if not cache:
+        tuning.tuner.remembered, tuning.remember, tuning.cache_path = None, None, None
+    run = run_without_training(loader, consumer_rate=context.consumer_rate, clock=context.clock)
+    decision = run.decision
+    choice = MeasuredChoice(
+        workers=decision.workers,
+        prefetch_factor=None,
+        reason=decision.reason if run.settled else f"{decision.reason} ({run.stopped})",
+        measurements=measurements_of(decision, _PREFETCH_DEFAULT),
+    )
+    return TuneResult(
+        choice=choice,
+        plan=plan_request(context.request, budget=context.budget, warn=False, measured=choice),
+        memory=context.memory,
+        worker_memory_bytes=None,
+        max_workers_by_memory=None,
+        probe_seconds=run.seconds,
+        seconds=context.clock() - context.began,
+        time_limit_seconds=run.max_seconds,
+        consumer_rate=context.consumer_rate,
+        cached=decision.reason.startswith("remembered"),
+        cache_path=tuning.cache_path,
+    )
 
 
 def _check_consumer_rate(rate: object) -> None:

@@ -27,7 +27,7 @@ from stoker.autotune.rules import Decision, Switch, Window
 from stoker.monitor import batch_samples
 from stoker.plan import Adjustment, LoaderPlan, LoaderRequest, Measurement
 
-__all__ = ["LiveTuning", "batch_work", "live_plan"]
+__all__ = ["LiveTuning", "batch_work", "live_plan", "measurements_of"]
 
 logger = logging.getLogger("stoker")
 
@@ -39,14 +39,14 @@ Remember = Callable[[Decision, bool], None]
 """``remember(decision, keeps_up)``: store a settled choice for the next run."""
 
 
-def batch_work(batch: object) -> float:
-    """The decoding work in a batch: its source pixels where it tells them (stoker's batches
-    carry ``original_sizes_hw``), else its samples."""
+def batch_work(batch: object) -> tuple[float, str]:
+    """The decoding work in a batch and its unit: megapixels of source images where the batch
+    tells them (stoker's batches carry ``original_sizes_hw``), else samples."""
     if isinstance(batch, dict):
         sizes = batch.get("original_sizes_hw")
         if isinstance(sizes, torch.Tensor) and sizes.dim() == 2 and sizes.shape[1] == 2:
-            return float(sizes.to(torch.float64).prod(dim=1).sum())
-    return float(batch_samples(batch))
+            return float(sizes.to(torch.float64).prod(dim=1).sum()) / 1e6, "Mpx"
+    return float(batch_samples(batch)), "samples"
 
 
 def live_plan(
@@ -68,7 +68,7 @@ def live_plan(
         requested=request.workers,
         chosen=workers,
         reason=f"tuned live on this run: {decision.reason}",
-        measurements=tuple(_measurement(w, plan) for w in decision.measured),
+        measurements=measurements_of(decision, plan.prefetch_factor or 2),
     )
     others = tuple(a for a in plan.defaults if a.setting != "workers")
     return LoaderPlan(
@@ -85,12 +85,17 @@ def live_plan(
     )
 
 
-def _measurement(window: Window, plan: LoaderPlan) -> Measurement:
+def measurements_of(decision: Decision, prefetch_factor: int) -> tuple[Measurement, ...]:
+    """The decision's windows as the ``Measurement`` records plans and ``stoker tune`` show."""
+    return tuple(_measurement(w, prefetch_factor) for w in decision.measured)
+
+
+def _measurement(window: Window, prefetch_factor: int) -> Measurement:
     return Measurement(
         workers=window.workers,
-        prefetch_factor=plan.prefetch_factor if window.workers else None,
+        prefetch_factor=prefetch_factor if window.workers else None,
         batches_per_second=window.batches_per_second,
-        samples_per_second=0.0,
+        samples_per_second=window.samples / window.seconds if window.seconds > 0 else 0.0,
         batches=window.batches,
         first_batch_seconds=0.0,
         note=f"live: the training loop waited {window.wait_fraction:.0%}",
@@ -123,6 +128,7 @@ class LiveTuning:
         plan_for: plans a fixed request on the loader's budget.
         remember: stores a settled choice (``None``: not cached).
         memory_cap: reads how many workers fit in memory (``None``: not checked).
+        cache_path: the file ``remember`` writes (for reports).
     """
 
     def __init__(
@@ -133,12 +139,14 @@ class LiveTuning:
         plan_for: PlanFor,
         remember: Remember | None = None,
         memory_cap: MemoryCap | None = None,
+        cache_path: str | None = None,
     ) -> None:
         self.tuner = tuner
         self.request = request
         self.plan_for = plan_for
         self.remember = remember
         self.memory_cap = memory_cap
+        self.cache_path = cache_path
         self.switches: list[Switch] = []
         self.pending: Decision | None = None
         self.draining = False
@@ -159,7 +167,8 @@ class LiveTuning:
         wait, step = self._clock.split(asked, got)
         if self.draining or self.pending is not None:
             return  # batches asked for before the switch: the old count's, not timed
-        decision = self.tuner.observe(wait, step, batch_work(batch))
+        work, unit = batch_work(batch)
+        decision = self.tuner.observe(wait, step, work, samples=batch_samples(batch), unit=unit)
         if decision is not None:
             decision = self._check_memory(loader) or decision
         if decision is None:

@@ -88,6 +88,7 @@ def start_live(
         plan_for=plan_for,
         remember=slot.write if slot is not None else None,
         memory_cap=_memory_cap,
+        cache_path=str(slot.path) if slot is not None else None,
     )
     return LiveStart(plan=live_plan(request, start, tuner.decision, plan_for), tuning=tuning)
 

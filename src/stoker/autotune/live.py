@@ -115,19 +115,30 @@ class LiveTuner:
         )
         return self.decision
 
-    def observe(self, wait_seconds: float, step_seconds: float, work: float) -> Decision | None:
-        """Record one batch; returns a new decision when a window closes, else ``None``."""
+    def observe(
+        self,
+        wait_seconds: float,
+        step_seconds: float,
+        work: float,
+        *,
+        samples: int = 1,
+        unit: str = "samples",
+    ) -> Decision | None:
+        """Record one batch (``work`` in ``unit``, see ``Window``); returns a new decision when a
+        window closes, else ``None``."""
         if self._skip > 0:
             self._skip -= 1
             return None
         batch = Window(
             workers=self.current,
             batches=1,
+            samples=samples,
             work=work,
+            unit=unit,
             wait_seconds=max(wait_seconds, 0.0),
             step_seconds=max(step_seconds, 0.0),
         )
-        self._open = self._open.add(batch)
+        self._open = batch if self._open.batches == 0 else self._open.add(batch)
         if missing_evidence(self._open, self.evidence) is not None:
             return None
         closed, self._open = self._open, Window(workers=self.current)

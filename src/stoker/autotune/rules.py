@@ -68,16 +68,20 @@ class Window:
     Attributes:
         workers: the worker count measured.
         batches: batches timed.
-        work: the work in them (samples, or source pixels where the batch tells them): the rates
-            compared are work per second, so a window of small images does not beat one of
-            large images by chance.
+        samples: samples in them.
+        work: the work in them, in ``unit`` (megapixels of source images where the batch tells
+            them, else samples): the rates compared are work per second, so a window of small
+            images does not beat one of large images by chance.
+        unit: what ``work`` counts (``"Mpx"`` or ``"samples"``).
         wait_seconds: time the training loop spent blocked on these batches.
         step_seconds: time the training loop spent on its own work between them.
     """
 
     workers: int
     batches: int = 0
+    samples: int = 0
     work: float = 0.0
+    unit: str = "samples"
     wait_seconds: float = 0.0
     step_seconds: float = 0.0
 
@@ -111,16 +115,20 @@ class Window:
         return replace(
             self,
             batches=self.batches + other.batches,
+            samples=self.samples + other.samples,
             work=self.work + other.work,
             wait_seconds=self.wait_seconds + other.wait_seconds,
             step_seconds=self.step_seconds + other.step_seconds,
         )
 
     def describe(self) -> str:
-        """``2 workers 41.0 batches/s, waited 97%``."""
+        """``2 workers 41 batches/s (9.1 Mpx/s), waited 97% (24 batches)``."""
+        rate = f"{self.batches_per_second:.3g} batches/s"
+        if self.unit != "samples":
+            rate += f" ({self.work_per_second:.3g} {self.unit}/s)"
         return (
-            f"{_workers(self.workers)} {self.batches_per_second:.3g} batches/s, waited "
-            f"{self.wait_fraction:.0%} ({self.batches} batches)"
+            f"{_workers(self.workers)} {rate}, waited {self.wait_fraction:.0%} "
+            f"({self.batches} batches)"
         )
 
 
