@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -27,7 +28,8 @@ def window(workers: int, rate: float, wait: float, batches: int = 40) -> Window:
     return Window(
         workers=workers,
         batches=batches,
-        work=float(batches),
+        samples=batches,
+        windows=2,  # confirmed: measured at two different times
         wait_seconds=seconds * wait,
         step_seconds=seconds * (1 - wait),
     )
@@ -95,12 +97,20 @@ def test_neighbours_follow_the_candidate_ladder():
     assert neighbours([0, 1, 2], 2) == (1, None)
 
 
-def test_rates_are_compared_as_work_per_second():
-    # 1 worker got more batches/s, but of images with a quarter of the pixels.
-    small = Window(workers=1, batches=40, work=40.0, wait_seconds=1.0, step_seconds=0.0)
-    large = Window(workers=2, batches=30, work=120.0, wait_seconds=1.0, step_seconds=0.0)
-    d = decide({1: small, 2: large}, 1, [1, 2])
-    assert d.settled and d.workers == 2
+def test_close_counts_are_measured_twice_before_settling():
+    once = {k: replace(window(k, rate, 1.0), windows=1) for k, rate in ((1, 40.0), (2, 36.0))}
+    d = decide(once, 2, [1, 2])
+    assert d.switch and d.workers == 1 and "measuring 1 again" in d.reason
+    d = decide({**once, 1: window(1, 40.0, 1.0)}, 1, [1, 2])
+    assert d.switch and d.workers == 2 and "measuring 2 again" in d.reason
+    # the count running needs its second window: no switch, keep measuring it
+    d = decide({1: window(1, 36.0, 1.0), 2: once[2]}, 2, [1, 2])
+    assert not d.switch and not d.settled and d.workers == 2
+    d = decide({1: window(1, 40.0, 1.0), 2: window(2, 36.0, 1.0)}, 2, [1, 2])
+    assert d.settled and d.workers == 1 and d.switch
+    # a count clearly slower than the best (below 85%) needs no second window
+    clear = {1: window(1, 40.0, 1.0), 0: replace(window(0, 20.0, 1.0), windows=1)}
+    assert decide(clear, 1, [0, 1]).settled
 
 
 # --- the tuner, driven by a simulated loader -----------------------------------------------------
@@ -128,7 +138,7 @@ def simulate(
         load = 1 / capacity[k] * (1 + noise * ((i * 7919) % 13 - 6) / 6)
         step = 0.0 if consumer_rate is None else 1 / consumer_rate
         wait = load if k == 0 else max(load - step, 0.0)
-        d = tuner.observe(wait, step, 1.0)
+        d = tuner.observe(wait, step, 1)
         if d is not None:
             decisions.append(d)
             if d.switch:
@@ -180,7 +190,7 @@ def test_a_consumer_that_speeds_up_reopens_the_search_a_bounded_number_of_times(
     for rate in [r for r in phases for _ in range(400)]:
         k = tuner.current
         step, load = (0.0 if rate is None else 1 / rate), 1 / capacity[k]
-        d = tuner.observe(load if k == 0 else max(load - step, 0.0), step, 1.0)
+        d = tuner.observe(load if k == 0 else max(load - step, 0.0), step, 1)
         if d is not None and "re-check" in d.reason and "stays" not in d.reason:
             reopened += 1
         if d is not None and d.switch:
@@ -200,7 +210,7 @@ def test_memory_limit_forces_a_switch_down():
 def test_warm_up_round_is_not_timed():
     tuner = LiveTuner(start=3, candidates=[0, 3])
     for _ in range(3):
-        assert tuner.observe(10.0, 0.0, 1.0) is None  # a 10 s start-up, not counted
+        assert tuner.observe(10.0, 0.0, 1) is None  # a 10 s start-up, not counted
     assert tuner._open.batches == 0
 
 
@@ -232,17 +242,11 @@ def test_the_settled_count_keeps_up_when_any_count_can(capacity, consumer):
         assert all(not tuner.windows[k].keeps_up for k in below)
         assert chosen.wait_fraction <= KEEP_UP_WAIT
     else:  # nothing measured keeps up: the settled count is within 3% of the best measured
-        best = max(w.work_per_second for w in tuner.windows.values())
-        assert chosen.work_per_second >= 0.97 * best - 1e-9
+        best = max(w.samples_per_second for w in tuner.windows.values())
+        assert chosen.samples_per_second >= 0.97 * best - 1e-9
 
 
-def test_work_is_source_megapixels_where_the_batch_tells_them():
-    import torch
-
-    from stoker.autotune.driver import batch_work
-
-    batch = {"original_sizes_hw": torch.tensor([[1000, 2000], [500, 400]]), "images": None}
-    assert batch_work(batch) == (2.2, "Mpx")
-    assert batch_work(torch.zeros(3, 2)) == (3.0, "samples")
-    w = Window(workers=2, batches=10, samples=20, work=22.0, unit="Mpx", wait_seconds=1.0)
-    assert w.describe() == "2 workers 10 batches/s (22 Mpx/s), waited 100% (10 batches)"
+def test_describe_names_the_count_rate_wait_and_batches():
+    w = Window(workers=2, batches=10, samples=20, wait_seconds=1.0)
+    assert w.describe() == "2 workers 10 batches/s, waited 100% (10 batches)"
+    assert w.samples_per_second == 20.0

@@ -10,10 +10,9 @@ batch trained on.
 
 **A window** starts after the first round of batches of a worker start (one batch per worker: it
 pays for the start and arrives as a burst) and closes after at least ``MIN_BATCHES`` batches,
-``MIN_ROUNDS`` whole rounds and ``MIN_SECONDS`` of wall time. Rates are compared as work per second
-(source pixels for stoker's image batches, else samples), so a window that happened to draw small
-images does not beat one that drew large ones. A decision on less says so ("too little evidence at
-2 workers so far (5 of 12 batches)") and keeps measuring.
+``MIN_ROUNDS`` whole rounds and ``MIN_SECONDS`` of wall time. Rates are compared in samples per
+second. A decision on less says so ("too little evidence at 2 workers so far (5 of 12 batches)")
+and keeps measuring.
 
 **The rules** (``rules.decide``), over the counts measured so far on this run:
 
@@ -23,7 +22,9 @@ images does not beat one that drew large ones. A decision on less says so ("too 
   "1 worker is the fewest that keeps up ...; 0 workers did not".
 - **The loader is the bottleneck** when no measured count keeps up. Take the best rate, after
   measuring the counts just above and below it; of counts within ``SAME_RATE`` (3%) of the best,
-  the fewest.
+  the fewest. Before it settles, every count within ``CONTENDER`` (15%) of the best is measured
+  in ``CONFIRM_WINDOWS`` (2) windows at different times, merged: on a shared machine one short
+  window can be off by more than the difference between two counts.
 - Counts never measured are never compared: each reason lists exactly the counts measured, with
   batches/s, the wait and the number of batches.
 
@@ -45,6 +46,8 @@ from __future__ import annotations
 
 from stoker.autotune.live import MAX_REOPENINGS, LiveTuner, Remembered
 from stoker.autotune.rules import (
+    CONFIRM_WINDOWS,
+    CONTENDER,
     KEEP_UP_WAIT,
     REOPEN_WAIT,
     SAME_RATE,
@@ -56,6 +59,8 @@ from stoker.autotune.rules import (
 )
 
 __all__ = [
+    "CONFIRM_WINDOWS",
+    "CONTENDER",
     "KEEP_UP_WAIT",
     "MAX_REOPENINGS",
     "REOPEN_WAIT",

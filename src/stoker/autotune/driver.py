@@ -19,15 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from stoker.autotune._torch import set_worker_settings, stop_asking
 from stoker.autotune.live import LiveTuner
 from stoker.autotune.rules import Decision, Switch, Window
 from stoker.monitor import batch_samples
 from stoker.plan import Adjustment, LoaderPlan, LoaderRequest, Measurement
 
-__all__ = ["LiveTuning", "batch_work", "live_plan", "measurements_of"]
+__all__ = ["LiveTuning", "live_plan", "measurements_of"]
 
 logger = logging.getLogger("stoker")
 
@@ -37,16 +35,6 @@ MemoryCap = Callable[[Any], tuple[int, str] | None]
 """``cap(loader)``: the most workers the memory allows and why, read from the running workers."""
 Remember = Callable[[Decision, bool], None]
 """``remember(decision, keeps_up)``: store a settled choice for the next run."""
-
-
-def batch_work(batch: object) -> tuple[float, str]:
-    """The decoding work in a batch and its unit: megapixels of source images where the batch
-    tells them (stoker's batches carry ``original_sizes_hw``), else samples."""
-    if isinstance(batch, dict):
-        sizes = batch.get("original_sizes_hw")
-        if isinstance(sizes, torch.Tensor) and sizes.dim() == 2 and sizes.shape[1] == 2:
-            return float(sizes.to(torch.float64).prod(dim=1).sum()) / 1e6, "Mpx"
-    return float(batch_samples(batch)), "samples"
 
 
 def live_plan(
@@ -167,8 +155,7 @@ class LiveTuning:
         wait, step = self._clock.split(asked, got)
         if self.draining or self.pending is not None:
             return  # batches asked for before the switch: the old count's, not timed
-        work, unit = batch_work(batch)
-        decision = self.tuner.observe(wait, step, work, samples=batch_samples(batch), unit=unit)
+        decision = self.tuner.observe(wait, step, batch_samples(batch))
         if decision is not None:
             decision = self._check_memory(loader) or decision
         if decision is None:

@@ -116,16 +116,10 @@ class LiveTuner:
         return self.decision
 
     def observe(
-        self,
-        wait_seconds: float,
-        step_seconds: float,
-        work: float,
-        *,
-        samples: int = 1,
-        unit: str = "samples",
+        self, wait_seconds: float, step_seconds: float, samples: int = 1
     ) -> Decision | None:
-        """Record one batch (``work`` in ``unit``, see ``Window``); returns a new decision when a
-        window closes, else ``None``."""
+        """Record one batch of ``samples``; returns a new decision when a window closes, else
+        ``None``."""
         if self._skip > 0:
             self._skip -= 1
             return None
@@ -133,8 +127,6 @@ class LiveTuner:
             workers=self.current,
             batches=1,
             samples=samples,
-            work=work,
-            unit=unit,
             wait_seconds=max(wait_seconds, 0.0),
             step_seconds=max(step_seconds, 0.0),
         )

@@ -19,6 +19,8 @@ __all__ = [
     "MIN_SECONDS",
     "REOPEN_WAIT",
     "SAME_RATE",
+    "CONFIRM_WINDOWS",
+    "CONTENDER",
     "Decision",
     "Evidence",
     "Switch",
@@ -37,6 +39,11 @@ REOPEN_WAIT = 0.20
 # Loader-bound: the fewest workers within 3% of the best measured rate. Rates of one count
 # measured twice on a shared 2-CPU machine differed by up to 3% (docs/tuning.md).
 SAME_RATE = 0.97
+# Loader-bound: counts within 15% of the best are contenders, and each is measured in at least
+# CONFIRM_WINDOWS windows at different times before the choice settles. On a shared 2-CPU machine
+# one 12-batch window came out 13% above its count's 10-epoch rate (docs/tuning.md).
+CONTENDER = 0.85
+CONFIRM_WINDOWS = 2
 MIN_BATCHES = 12
 MIN_ROUNDS = 3
 MIN_SECONDS = 0.5
@@ -68,11 +75,10 @@ class Window:
     Attributes:
         workers: the worker count measured.
         batches: batches timed.
-        samples: samples in them.
-        work: the work in them, in ``unit`` (megapixels of source images where the batch tells
-            them, else samples): the rates compared are work per second, so a window of small
-            images does not beat one of large images by chance.
-        unit: what ``work`` counts (``"Mpx"`` or ``"samples"``).
+        samples: samples in them: the rates compared are samples per second. (Not source pixels:
+            at resolution 1024 a sample cost 0.33 s plus 0.02 s per source megapixel, so pixels
+            made a window of large images look fast; docs/tuning.md.)
+        windows: how many windows were merged into this one (measurements at different times).
         wait_seconds: time the training loop spent blocked on these batches.
         step_seconds: time the training loop spent on its own work between them.
     """
@@ -80,8 +86,7 @@ class Window:
     workers: int
     batches: int = 0
     samples: int = 0
-    work: float = 0.0
-    unit: str = "samples"
+    windows: int = 1
     wait_seconds: float = 0.0
     step_seconds: float = 0.0
 
@@ -96,9 +101,9 @@ class Window:
         return self.batches / self.seconds if self.seconds > 0 else 0.0
 
     @property
-    def work_per_second(self) -> float:
-        """The rate compared between counts (see ``work``)."""
-        return self.work / self.seconds if self.seconds > 0 else 0.0
+    def samples_per_second(self) -> float:
+        """The rate compared between counts (see ``samples``)."""
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def wait_fraction(self) -> float:
@@ -116,19 +121,16 @@ class Window:
             self,
             batches=self.batches + other.batches,
             samples=self.samples + other.samples,
-            work=self.work + other.work,
+            windows=self.windows + other.windows,
             wait_seconds=self.wait_seconds + other.wait_seconds,
             step_seconds=self.step_seconds + other.step_seconds,
         )
 
     def describe(self) -> str:
-        """``2 workers 41 batches/s (9.1 Mpx/s), waited 97% (24 batches)``."""
-        rate = f"{self.batches_per_second:.3g} batches/s"
-        if self.unit != "samples":
-            rate += f" ({self.work_per_second:.3g} {self.unit}/s)"
+        """``2 workers 41 batches/s, waited 97% (24 batches)``."""
         return (
-            f"{_workers(self.workers)} {rate}, waited {self.wait_fraction:.0%} "
-            f"({self.batches} batches)"
+            f"{_workers(self.workers)} {self.batches_per_second:.3g} batches/s, waited "
+            f"{self.wait_fraction:.0%} ({self.batches} batches)"
         )
 
 
@@ -274,9 +276,9 @@ def _fewest_that_keep_up(
 def _best_rate(
     solid: Mapping[int, Window], allowed: Sequence[int], table: tuple[Window, ...]
 ) -> Decision:
-    best = max(solid, key=lambda k: solid[k].work_per_second)
-    top = solid[best].work_per_second
-    pick = min(k for k, w in solid.items() if w.work_per_second >= SAME_RATE * top)
+    best = max(solid, key=lambda k: solid[k].samples_per_second)
+    top = solid[best].samples_per_second
+    pick = min(k for k, w in solid.items() if w.samples_per_second >= SAME_RATE * top)
     summary = _summary(table)
     for edge, side in (
         (neighbours(allowed, best)[1], "more"),
@@ -291,6 +293,19 @@ def _best_rate(
                 f"{_workers(best)} is the fastest so far; trying {edge} ({side})",
                 measured=table,
             )
+    contenders = [k for k, w in solid.items() if w.samples_per_second >= CONTENDER * top]
+    unconfirmed = [k for k in contenders if solid[k].windows < CONFIRM_WINDOWS]
+    if unconfirmed:
+        # the pick first: it is where the loader goes next anyway
+        again = pick if pick in unconfirmed else unconfirmed[0]
+        return Decision(
+            workers=again,
+            switch=True,
+            settled=False,
+            reason=f"measured {summary}: counts within {1 - CONTENDER:.0%} of the best are "
+            f"measured twice before the choice settles; measuring {again} again",
+            measured=table,
+        )
     why = f"measured {summary}: the training loop waits for data with every count measured; "
     if pick == best:
         why += f"{_workers(best)} delivers the most"
