@@ -207,6 +207,15 @@ def test_memory_limit_forces_a_switch_down():
     assert tuner.limit(3, "more memory now") is None
 
 
+def test_a_count_measured_again_counts_two_windows():
+    tuner = LiveTuner(start=1, candidates=[1, 2])
+    for _ in range(2):
+        tuner.switched(1)
+        while tuner.observe(0.1, 0.0, 1) is None:
+            pass
+    assert tuner.windows[1].windows == 2 and tuner.windows[1].batches == 24
+
+
 def test_warm_up_round_is_not_timed():
     tuner = LiveTuner(start=3, candidates=[0, 3])
     for _ in range(3):

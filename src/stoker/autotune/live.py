@@ -141,7 +141,7 @@ class LiveTuner:
             return self._recheck(window)
         first = not self.windows
         known = self.windows.get(self.current)
-        self.windows[self.current] = window if known is None else known.add(window)
+        self.windows[self.current] = window if known is None else known.merge(window)
         remembered = self.remembered
         if (
             first

@@ -116,15 +116,18 @@ class Window:
         return self.batches > 0 and self.wait_fraction <= KEEP_UP_WAIT
 
     def add(self, other: Window) -> Window:
-        """This window and ``other`` (same count) as one."""
+        """This window extended by ``other``'s batches (same count, one window)."""
         return replace(
             self,
             batches=self.batches + other.batches,
             samples=self.samples + other.samples,
-            windows=self.windows + other.windows,
             wait_seconds=self.wait_seconds + other.wait_seconds,
             step_seconds=self.step_seconds + other.step_seconds,
         )
+
+    def merge(self, other: Window) -> Window:
+        """This window and a later one of the same count: ``windows`` counts both."""
+        return replace(self.add(other), windows=self.windows + other.windows)
 
     def describe(self) -> str:
         """``2 workers 41 batches/s, waited 97% (24 batches)``."""
