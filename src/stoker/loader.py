@@ -350,8 +350,7 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
             workers=self.num_workers,
             max_workers=max_useful_workers(budget),
             budget=f"{budget.cpus} CPUs, {budget.source}",
-            measured=plan is not None
-            and plan.request.workers == "auto"
+            measured=(plan is not None and plan.request.workers == "auto")
             or self._tuning is not None,
             output=getattr(self.dataset, "output", None),
             fast_decode=getattr(self.dataset, "fast_decode", None),
@@ -466,15 +465,15 @@ def make_loader(
         seed = secrets.randbits(63) if seed is None else seed
     measured = None
     live = None
-    if tunes_live(request, dataset, resolve_budget(budget), dataloader_kwargs):
+    budget = resolve_budget(budget)
+    if tunes_live(request, dataset, budget, dataloader_kwargs):
         # --- live tuning (stoker.autotune): start from a remembered or the budget's count ---
-        live_budget = resolve_budget(budget)
+        live_budget = budget
         live = start_live(
             dataset,
             request,
             live_budget,
             batch_size=batch_size,
-            accelerator=_cuda_available(),
             plan_for=lambda fixed: plan_request(fixed, budget=live_budget, warn=False),
         )
         tell(live.plan.adjustments)
@@ -482,7 +481,6 @@ def make_loader(
         # Deferred import: tune builds its probe loaders with make_loader (tune -> loader).
         from stoker.tune import tune_loader
 
-        budget = resolve_budget(budget)
         result = tune_loader(
             dataset,
             request=request,

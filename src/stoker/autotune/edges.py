@@ -60,7 +60,6 @@ def start_live(
     budget: Budget,
     *,
     batch_size: int | None,
-    accelerator: bool,
     plan_for: PlanFor,
     environ: Mapping[str, str] | None = None,
 ) -> LiveStart:
