@@ -27,11 +27,11 @@ settings.load_profile("stoker")
 @pytest.fixture(autouse=True)
 def _fresh_warnings() -> Iterator[None]:
     """Each test sees stoker's warn-once memory empty, so expected warnings do appear."""
-    from stoker import loader
+    from stoker import warn
 
-    loader._told.clear()
+    warn.told.clear()
     yield
-    loader._told.clear()
+    warn.told.clear()
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from stoker import Budget, ConfigError, cpu_budget
-from stoker.budget import parse_cfs_quota, parse_cpu_max
+from stoker.system.cpu import parse_cfs_quota, parse_cpu_max
 
 
 def budget_of(fake_sys, *, cpus=64, environ=None, affinity=None):

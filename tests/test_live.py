@@ -14,7 +14,7 @@ from stoker import load_dataset, make_loader
 from stoker.autotune import Decision, LiveTuner
 from stoker.autotune.driver import LiveTuning, live_plan
 from stoker.data.synthetic import write_sample_dataset
-from stoker.loader import plan_request
+from stoker.planning import plan_request
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ class Scripted(LiveTuner):
         self.loader, self.script = loader, dict(script)
 
     def observe(self, wait_seconds, step_seconds, work, **_):
-        sampler = self.loader.batch_sampler
+        sampler = self.loader.rank_sampler
         epoch, done = sampler._current, sampler._consumed
         to = self.script.pop((epoch, done), None)
         if to is None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from stoker import InputMonitor, LoaderStats, StokerWarning, make_loader
+from stoker import InputMonitor, LoaderStats, Problem, StokerWarning, make_loader
 
 
 class FakeClock:
@@ -121,7 +121,8 @@ class Replacing(Dataset):
         return 3
 
     def __getitem__(self, index: int) -> dict:
-        return {"x": torch.tensor([index]), "replaced": [(f"bad{index}.jpg", "truncated")]}
+        bad = Problem(path=f"bad{index}.jpg", reason="truncated", stage="decode", action="replaced")
+        return {"x": torch.tensor([index]), "replaced": [bad]}
 
 
 def test_stats_count_replaced_files_per_worker():
@@ -136,10 +137,10 @@ def test_stats_count_replaced_files_per_worker():
 
 def test_the_input_bound_warning_has_its_own_class_and_never_fails_the_suite():
     from stoker import InputBoundWarning
-    from stoker.monitor import warn_input_bound
+    from stoker.warn import warn
 
     assert issubclass(InputBoundWarning, StokerWarning)
     with pytest.warns(InputBoundWarning, match="waited"):
-        warn_input_bound("training waited for data 90% of the time", 1)
+        warn("training waited for data 90% of the time", once=False, category=InputBoundWarning)
     # pyproject's filterwarnings ignores it: a loaded machine cannot turn it into a failure
-    warn_input_bound("training waited for data 90% of the time on a busy machine", 1)
+    warn("training waited for data 90% on a busy machine", once=False, category=InputBoundWarning)

@@ -285,7 +285,7 @@ def test_any_change_of_the_key_measures_again(dataset, machine, cache, change):
 def test_a_new_stoker_version_measures_again(dataset, machine, cache, monkeypatch):
     rates = {0: 10, 1: 19, 2: 20, 3: 20.5, 4: 20.4}
     run(dataset, rates, machine)
-    monkeypatch.setattr(stoker, "__version__", "99.0")
+    monkeypatch.setattr(stoker.version, "__version__", "99.0")
     again, factory = run(dataset, rates, machine)
     assert not again.cached and factory.calls
 
@@ -303,9 +303,37 @@ def test_a_corrupt_cache_file_is_measured_again_and_replaced(dataset, machine, c
     rates = {0: 10, 1: 19, 2: 20, 3: 20.5, 4: 20.4}
     first, _ = run(dataset, rates, machine)
     Path(first.cache_path).write_text('{"format": 1, "choi')
-    again, factory = run(dataset, rates, machine)
+    with pytest.warns(StokerWarning, match="ignored the tuning cache"):
+        again, factory = run(dataset, rates, machine)
     assert not again.cached and factory.calls
     assert json.loads(Path(first.cache_path).read_text())["choice"]["workers"] == 2
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda record: record["choice"].update(workers=-3),
+        lambda record: record["choice"].update(workers="many"),
+        lambda record: record["choice"].update(workers=1e300),
+        lambda record: record["choice"].pop("reason"),
+        lambda record: record["choice"]["measurements"].append({"bogus": 1}),
+        lambda record: record.update(worker_memory_bytes=[1]),
+        lambda record: record.update(choice=None),
+    ],
+    ids=["negative", "string", "huge", "missing", "bad-measurement", "memory-list", "null"],
+)
+def test_a_cache_file_of_the_wrong_shape_is_ignored_with_one_warning(
+    dataset, machine, cache, spoil
+):
+    rates = {0: 10, 1: 19, 2: 20, 3: 20.5, 4: 20.4}
+    first, _ = run(dataset, rates, machine)
+    record = json.loads(Path(first.cache_path).read_text())
+    spoil(record)
+    Path(first.cache_path).write_text(json.dumps(record))
+    with pytest.warns(StokerWarning, match="ignored the tuning cache") as caught:
+        again, factory = run(dataset, rates, machine)
+    assert len(caught) == 1
+    assert not again.cached and factory.calls and again.plan.num_workers == 2
 
 
 def test_a_remembered_choice_that_no_longer_fits_in_memory_is_measured_again(

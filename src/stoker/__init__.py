@@ -7,25 +7,26 @@ from __future__ import annotations
 
 import logging
 
-from stoker.budget import Budget, Limit, cpu_budget
-from stoker.data.catalog import Problem
+from stoker.cache import CacheReport, cache_latents, cache_text_encoder_outputs, check_caches
 from stoker.data.dataset import DatasetReport, StokerDataset, load_dataset, to_float_images
 from stoker.errors import (
     CacheError,
     ConfigError,
     DatasetError,
     InputBoundWarning,
+    LoaderTimeout,
+    Problem,
     SharedMemoryFull,
     StokerError,
     StokerWarning,
     WorkerFailed,
 )
-from stoker.loader import StokerLoader, make_loader, plan_loader
+from stoker.loader import StokerLoader, make_loader, plan_loader, tune_loader
 from stoker.monitor import InputMonitor, LoaderStats
 from stoker.plan import Adjustment, LoaderPlan, LoaderRequest, MeasuredChoice, Measurement
-from stoker.tune import TuneResult, tune_loader
-
-__version__ = "0.1.0"
+from stoker.system.cpu import Budget, Limit, cpu_budget
+from stoker.tune import TuneResult
+from stoker.version import __version__
 
 # A library logs; the application decides where logs go (warnings already reach the user).
 logging.getLogger("stoker").addHandler(logging.NullHandler())
@@ -34,6 +35,7 @@ __all__ = [
     "Adjustment",
     "Budget",
     "CacheError",
+    "CacheReport",
     "ConfigError",
     "DatasetError",
     "DatasetReport",
@@ -43,6 +45,7 @@ __all__ = [
     "LoaderPlan",
     "LoaderRequest",
     "LoaderStats",
+    "LoaderTimeout",
     "MeasuredChoice",
     "Measurement",
     "Problem",
@@ -54,6 +57,9 @@ __all__ = [
     "TuneResult",
     "WorkerFailed",
     "__version__",
+    "cache_latents",
+    "cache_text_encoder_outputs",
+    "check_caches",
     "cpu_budget",
     "load_dataset",
     "make_loader",

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,8 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from stoker.autotune.rules import Switch
-from stoker.data.catalog import Problem
-from stoker.errors import InputBoundWarning
+from stoker.errors import Problem
 
 __all__ = ["InputMonitor", "LoaderStats"]
 
@@ -245,8 +243,8 @@ def input_bound_advice(
     advice = []
     if measured and workers < max_workers:
         advice.append(
-            f"workers='auto' measured {workers} workers as fast as more on this budget "
-            f"({budget}), so more workers will not help; the steps below may"
+            f"workers='auto' measured {workers} worker{'' if workers == 1 else 's'} as fast as "
+            f"more on this budget ({budget}), so more workers will not help; the steps below may"
         )
     elif workers < max_workers:
         advice.append(
@@ -303,10 +301,3 @@ def input_bound_message(stats: LoaderStats, window: InputMonitor, advice: list[s
         + "; ".join(advice)
         + ". loader.stats() has the figures."
     )
-
-
-def warn_input_bound(message: str, stacklevel: int) -> None:
-    """Tell the input-bound finding once: an ``InputBoundWarning`` (a ``StokerWarning``) and the
-    ``stoker`` logger."""
-    logger.warning(message)
-    warnings.warn(message, InputBoundWarning, stacklevel=stacklevel)

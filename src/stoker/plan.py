@@ -29,11 +29,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from stoker.budget import Budget
+from stoker.system.cpu import Budget
 
 __all__ = [
-    "Adjustment",
+    "DATALOADER_NAMES",
     "DEFAULT_MAX_WORKERS",
+    "Adjustment",
     "LoaderPlan",
     "LoaderRequest",
     "MeasuredChoice",
@@ -42,6 +43,17 @@ __all__ = [
 
 DEFAULT_MAX_WORKERS = 8
 START_METHODS = ("fork", "spawn", "forkserver")
+
+# The one table between the two vocabularies: a request's field (the user's word) and the
+# DataLoader argument a plan sets for it (PyTorch's word). Fields not listed share one name.
+DATALOADER_NAMES = {
+    "workers": "num_workers",
+    "persistent": "persistent_workers",
+    "prefetch_factor": "prefetch_factor",
+    "pin_memory": "pin_memory",
+    "timeout": "timeout",
+    "start_method": "multiprocessing_context",
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -199,24 +211,12 @@ class LoaderPlan:
     @property
     def kwargs(self) -> dict[str, object]:
         """Keyword arguments for ``torch.utils.data.DataLoader`` (the only bridge into torch)."""
-        return {
-            "num_workers": self.num_workers,
-            "persistent_workers": self.persistent_workers,
-            "prefetch_factor": self.prefetch_factor,
-            "pin_memory": self.pin_memory,
-            "timeout": self.timeout,
-            "multiprocessing_context": self.multiprocessing_context,
-        }
+        return {name: getattr(self, name) for name in DATALOADER_NAMES.values()}
 
     def as_request(self) -> LoaderRequest:
         """The request that, planned again on the same budget, yields this plan unchanged."""
         return LoaderRequest(
-            workers=self.num_workers,
-            persistent=self.persistent_workers,
-            prefetch_factor=self.prefetch_factor,
-            pin_memory=self.pin_memory,
-            timeout=self.timeout,
-            start_method=self.multiprocessing_context,
+            **{field: getattr(self, name) for field, name in DATALOADER_NAMES.items()}
         )
 
     def explain(self) -> str:
@@ -388,8 +388,8 @@ def _rule_workers(
         )
     else:
         why = (
-            f"only {budget.cpus} CPUs are available to this process ({budget.source}); more "
-            "workers would compete for them and use more RAM"
+            f"only {budget.cpus} CPU{' is' if budget.cpus == 1 else 's are'} available to this "
+            f"process ({budget.source}); more workers would compete for them and use more RAM"
         )
     _changed(d, "workers", r.workers, d.workers, why)
 

@@ -919,3 +919,23 @@ def test_records_are_frozen_picklable_and_read_only(tmp_path: Path) -> None:
         subset.num_repeats = 3  # type: ignore[misc]
     assert hash(subset) == hash(dataclasses.replace(subset))
     assert dataclasses.replace(subset, num_repeats=4).num_repeats == 4
+
+
+@pytest.mark.parametrize(
+    ("dataset_lines", "message"),
+    [
+        (
+            "resolution = 512\nmin_bucket_reso = 1024\nmax_bucket_reso = 512",
+            r"train.toml, \[\[datasets\]\] #1: min_bucket_reso 1024 is larger than max_bucket_reso",
+        ),
+        ("resolution = 500", r"\[\[datasets\]\] #1: resolution = \[500, 500\]: each side .* 8"),
+        ("resolution = [512, 300]", r"use \[512, 296\]"),
+    ],
+)
+def test_bucket_and_resolution_errors_name_file_and_table(
+    tmp_path: Path, dataset_lines: str, message: str
+) -> None:
+    make_dirs(tmp_path, "img")
+    text = f"[[datasets]]\n{dataset_lines}\n[[datasets.subsets]]\nimage_dir = 'img'\n"
+    with pytest.raises(ConfigError, match=message):
+        parse(tmp_path, text)

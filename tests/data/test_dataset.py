@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -159,6 +160,7 @@ def test_decode_failure_in_a_worker_is_replaced_and_reported(messy):
     assert len(batches) == len(loader)
     (problem,) = [p for p in ds.decode_problems if p.path.endswith("truncated.jpg")]
     assert problem.stage == "decode" and problem.action == "replaced"
+    assert problem.kind == "decode_failed" and problem in ds.report.problems
     keys = [b["image_keys"][0] for b in batches]
     assert not any(k.endswith("truncated.jpg") for k in keys)
 
@@ -271,11 +273,43 @@ def augmented(tmp_path):
     return load_dataset(sample.config)
 
 
+def _augmented_source(sample, kind: str, tmp_path):
+    """The sample's images as one of the three sources sd-scripts reads, every random choice on."""
+    options = {"flip_aug": True, "random_crop": True, "color_aug": True}
+    if kind == "toml":
+        return load_dataset(sample.config)
+    if kind == "folders":
+        return load_dataset(sample.train_data_dir, reg_data_dir=sample.root / "reg", resolution=256)
+    images = sorted((sample.train_data_dir).rglob("*.jpg"))
+    metadata = {
+        p.stem: {"caption": f"photo of sks dog, number {i}, outdoors"} for i, p in enumerate(images)
+    }
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps(metadata))
+    config = tmp_path / "meta.toml"
+    config.write_text(
+        "[general]\nenable_bucket = true\nshuffle_caption = true\n"
+        + "".join(f"{k} = true\n" for k in options)
+        + f"[[datasets]]\nresolution = 256\nbatch_size = 2\n[[datasets.subsets]]\n"
+        f"metadata_file = '{meta}'\nimage_dir = '{images[0].parent}'\nnum_repeats = 2\n"
+    )
+    return load_dataset(config)
+
+
 @pytest.mark.slow
-def test_dataset_conforms_deterministic_and_resumable(augmented):
+@pytest.mark.parametrize("kind", ["toml", "folders", "metadata"])
+def test_every_source_conforms_deterministic_and_resumable(kind, augmented, tmp_path):
+    """The conformance helper on each way of describing a dataset: sd-scripts' TOML config, its
+    N_name folders, and fine-tuning metadata."""
+    if kind == "toml":
+        dataset = augmented
+    else:
+        sample = write_sample_dataset(tmp_path / "source", images=10)
+        dataset = _augmented_source(sample, kind, tmp_path)
+
     def build(*, seed, workers):
         return make_loader(
-            augmented,
+            dataset,
             seed=seed,
             shuffle=True,
             workers=workers,
@@ -283,7 +317,37 @@ def test_dataset_conforms_deterministic_and_resumable(augmented):
             persistent=False if workers else None,
         )
 
-    assert_deterministic_and_resumable(build, seed=11, midpoint=7)
+    # The TOML source runs 0, 1 and 2 workers; the others 0 and 2 (the same paths, half the time).
+    workers = (0, 1, 2) if kind == "toml" else (0, 2)
+    assert_deterministic_and_resumable(build, seed=11, midpoint=5, workers=workers)
+
+
+class _SamplerOnly:
+    """The batch sampler alone, as a loader: what it yields is the batch (its sample keys)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        for batch in self.sampler:
+            self.sampler.mark_consumed()
+            yield [tuple(int(k) for k in key) for key in batch]
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def state_dict(self):
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state):
+        self.sampler.load_state_dict(state)
+
+
+def test_the_sampler_alone_conforms(augmented):
+    def build(*, seed, workers):  # no workers: the sampler runs in this process
+        return _SamplerOnly(augmented.make_batch_sampler(seed=seed, shuffle=True))
+
+    assert_deterministic_and_resumable(build, seed=3, midpoint=9, workers=(0,), epochs=3)
 
 
 @pytest.mark.slow
@@ -404,10 +468,36 @@ def test_nothing_to_train_on_is_an_error(sample):
         "[[datasets]]\nresolution = 256\n[[datasets.subsets]]\n"
         "image_dir = 'train/10_sks dog'\nnum_repeats = 0\nclass_tokens = 'dog'\n"
     )
-    with pytest.raises(DatasetError, match="every subset has num_repeats = 0"):
+    with pytest.raises(DatasetError, match="every training subset has num_repeats = 0"):
         load_dataset(zero)
+    # An empty training folder next to a reg folder: the images are missing, not the repeats.
+    (sample.root / "empty").mkdir()
+    empty = sample.root / "empty.toml"
+    empty.write_text(
+        "[[datasets]]\nresolution = 256\n[[datasets.subsets]]\nimage_dir = 'empty'\n"
+        "num_repeats = 10\n[[datasets.subsets]]\nimage_dir = 'reg/1_dog'\nis_reg = true\n"
+    )
+    with pytest.raises(DatasetError, match=r"the training subsets have no usable images \("):
+        load_dataset(empty)
 
 
 def test_validation_without_a_split_is_a_clear_error(sample):
     with pytest.raises(DatasetError, match="no dataset sets validation_split"):
         load_dataset(sample.config, validation=True)
+
+
+def test_missing_captions_are_counted_per_subset_from_data(tmp_path):
+    # A subset folder whose name is a prefix of its sibling's (dog, dog2) once counted both. Bare
+    # repeat counts (no class tokens), so a missing caption is a reported problem.
+    rng = np.random.default_rng(0)
+    for name in ("1", "12"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(2):
+            write_image(tmp_path / "train" / name / f"{i}.jpg", 256, 256, rng)
+    ds = load_dataset(tmp_path / "train", resolution=256, on_error="skip")
+    assert {s.folder.rsplit("/", 1)[1]: s.missing_captions for s in ds.report.subsets} == {
+        "1": 2,
+        "12": 2,
+    }
+    kinds = {(p.kind, ds.catalog.subsets[p.subset].where) for p in ds.report.problems}
+    assert len(kinds) == 2 and {k for k, _ in kinds} == {"missing_caption"}

@@ -13,7 +13,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset
 
-from stoker.data.sampler import BucketBatchSampler, SampleBatch, balance_reg_repeats
+from stoker.data.sampler import (
+    AllRanksBatchSampler,
+    BucketBatchSampler,
+    SampleBatch,
+    balance_reg_repeats,
+)
 
 # 13 images in 3 groups; image 7 (group -1) and image 5 (repeats 0) are excluded: 19 samples.
 GROUPS = np.array([0, 1, 0, 2, 1, 1, 0, -1, 2, 0, 1, 2, 0])
@@ -219,6 +224,38 @@ def test_rank_shards_partition_the_epoch(
         assert steps == [epoch * len(sampler) + k for k in range(len(batches))]
 
 
+@pytest.mark.parametrize("policy", ["pad", "drop"])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 9])
+def test_all_ranks_stream_dealt_round_robin_gives_each_rank_its_shard(
+    world_size: int, policy: str
+) -> None:
+    # What accelerate's BatchSamplerShard does to loader.batch_sampler: slot s goes to rank s % n.
+    for rank in range(world_size):
+        mine = _sampler(world_size=world_size, rank=rank, even_batches=policy)
+        view = AllRanksBatchSampler(_sampler(world_size=world_size, rank=rank, even_batches=policy))
+        assert len(view) == len(mine) * world_size
+        for _ in range(2):  # both advance to the next epoch the same way
+            stream = list(view)
+            assert len(stream) == len(view)
+            dealt = [b for s, b in enumerate(stream) if s % world_size == rank]
+            expected = list(mine)
+            assert dealt == expected  # keys, steps included
+            assert [b.padded for b in dealt] == [b.padded for b in expected]
+
+
+def test_all_ranks_stream_counts_this_ranks_batches_for_resume() -> None:
+    view = AllRanksBatchSampler(_sampler(world_size=3, rank=1))
+    stream = iter(view)
+    for _ in range(5):  # slots 0..4: rank 1 owns slots 1 and 4
+        next(stream)
+    state = view.rank_sampler.state_dict()
+    assert (state["epoch"], state["batches_done"]) == (0, 2)
+    resumed = AllRanksBatchSampler(_sampler(world_size=3, rank=1))
+    resumed.rank_sampler.load_state_dict(state)
+    rest = [b for s, b in enumerate(resumed) if s % 3 == 1]
+    assert rest == _sampler(world_size=3, rank=1).epoch_batches(0)[2:]
+
+
 def test_padding_repeats_batches_from_the_start() -> None:
     whole = _sampler().epoch_batches(0)  # 8 batches over 3 ranks: one padded batch
     shards = [_sampler(world_size=3, rank=r).epoch_batches(0) for r in range(3)]
@@ -403,6 +440,33 @@ def test_resume_into_a_different_run_is_an_error(change: dict[str, object]) -> N
 def test_malformed_state_is_an_error() -> None:
     with pytest.raises(ValueError, match="missing"):
         _sampler().load_state_dict({"epoch": 0})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("batches_done", None, "batches_done must be a whole number"),
+        ("batches_done", "3", "batches_done must be a whole number"),
+        ("batches_done", 1.0, "batches_done must be a whole number"),
+        ("batches_done", 10**6, "batches_done = 1000000 is outside"),
+        ("epoch", True, "epoch must be a whole number"),
+        ("epoch", -1, "epoch = -1 is outside"),
+        ("epoch", 10**30, "is outside"),
+        ("seed", "7", "different run"),
+    ],
+)
+def test_each_state_field_is_checked(field: str, value: object, message: str) -> None:
+    state = _sampler().state_dict()
+    state[field] = value
+    with pytest.raises(ValueError, match=message):
+        _sampler().load_state_dict(state)
+
+
+def test_a_state_of_another_dataset_with_the_same_layout_is_refused() -> None:
+    state = _sampler(dataset_id="photos-a").state_dict()
+    _sampler(dataset_id="photos-a").load_state_dict(state)
+    with pytest.raises(ValueError, match="dataset 'photos-a' != 'photos-b'"):
+        _sampler(dataset_id="photos-b").load_state_dict(state)
 
 
 # --- DataLoader ---------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ class LiveTuning:
         self.pending, self.draining = None, False
         if reposition:
             # The iterator stopped early; the next one continues after the last batch handed out.
-            sampler = loader.batch_sampler
+            sampler = loader.resumable_sampler
             sampler.load_state_dict(sampler.state_dict())
         if decision is None or decision.workers == loader.num_workers:
             return

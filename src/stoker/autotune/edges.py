@@ -1,10 +1,8 @@
 """Where live tuning meets the machine: the start count, the remembered choice, worker memory.
 
 ``start_live`` is the one call ``make_loader`` makes: it reads the remembered choice (the cache
-``stoker tune`` and ``workers="auto"`` share, ``stoker.tune.cache_dir()``), picks the start count
-and builds the ``LiveTuning`` the loader holds. The cache and memory readers live in
-``stoker.tune``, which imports the loader, so they are imported when called (the top-layer
-restructure of issue 9 moves them below the loader).
+``stoker tune`` and ``workers="auto"`` share, ``stoker.tune.remember``), picks the start count
+and builds the ``LiveTuning`` the loader holds.
 """
 
 from __future__ import annotations
@@ -20,8 +18,12 @@ from typing import Any
 from stoker.autotune.driver import LiveTuning, PlanFor, live_plan
 from stoker.autotune.live import LiveTuner, Remembered
 from stoker.autotune.rules import Decision
-from stoker.budget import Budget
+from stoker.data.protocol import BatchingDataset
 from stoker.plan import DEFAULT_MAX_WORKERS, LoaderPlan, LoaderRequest, MeasuredChoice
+from stoker.system.cpu import Budget
+from stoker.system.memory import memory_budget, worker_uss_bytes
+from stoker.tune import remember as cache
+from stoker.tune.rules import candidate_workers
 
 __all__ = ["LiveStart", "start_live", "tunes_live"]
 
@@ -64,8 +66,6 @@ def start_live(
     environ: Mapping[str, str] | None = None,
 ) -> LiveStart:
     """The start plan and the tuner for a live-tuned loader (rules: ``stoker.autotune``)."""
-    from stoker.tune import candidate_workers
-
     slot = _CacheSlot.find(dataset, request, budget, batch_size, environ)
     candidates = candidate_workers(budget)
     remembered = slot.read() if slot is not None else None
@@ -109,20 +109,15 @@ class _CacheSlot:
         batch_size: int | None,
         environ: Mapping[str, str] | None,
     ) -> _CacheSlot | None:
-        from stoker.tune import _cache_key, _cache_path, cache_dir, dataset_fingerprint
-
-        fingerprint = dataset_fingerprint(dataset)
-        if fingerprint is None:
+        if not isinstance(dataset, BatchingDataset):
             return None
         auto = dataclasses.replace(request, workers="auto")
-        key = _cache_key(fingerprint, auto, budget, None, batch_size)
-        return cls(path=_cache_path(cache_dir(environ), key), key=key)
+        key = cache.cache_key(dataset.fingerprint(), auto, budget, None, batch_size)
+        return cls(path=cache.cache_path(cache.cache_dir(environ), key), key=key)
 
     def read(self) -> Remembered | None:
         """The remembered choice: a live one with its regime, or a probe's count."""
-        from stoker.tune import _read_cache
-
-        data = _read_cache(self.path, self.key)
+        data = cache.read_cache(self.path, self.key)
         if data is None:
             return None
         live = data.get("live")
@@ -142,13 +137,11 @@ class _CacheSlot:
 
     def write(self, decision: Decision, keeps_up: bool) -> None:
         """Remember a settled choice (atomically; a failure warns once, as ``stoker tune``)."""
-        from stoker.tune import _CACHE_FORMAT, _remember
-
         choice = MeasuredChoice(
             workers=decision.workers, prefetch_factor=None, reason=decision.reason
         )
         record = {
-            "format": _CACHE_FORMAT,
+            "format": cache.CACHE_FORMAT,
             "key": self.key,
             "choice": dataclasses.asdict(choice),
             "live": {"workers": decision.workers, "keeps_up": keeps_up, "reason": decision.reason},
@@ -159,15 +152,13 @@ class _CacheSlot:
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         json.dumps(record)  # fail here, not half-way through a write, if something is not JSON
-        _remember(self.path, record)
+        cache.remember(self.path, record)
 
 
 def _memory_cap(loader: Any) -> tuple[int, str] | None:
     """How many workers fit in the memory available now, from the running workers' USS."""
-    from stoker.tune import _worker_uss_bytes, memory_budget
-
     pids = loader.worker_pids() if callable(getattr(loader, "worker_pids", None)) else []
-    per_worker = _worker_uss_bytes(pids, Path("/")) if pids else None
+    per_worker = worker_uss_bytes(pids) if pids else None
     memory = memory_budget()
     if not per_worker or memory.usable_bytes is None:
         return None

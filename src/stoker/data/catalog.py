@@ -5,33 +5,46 @@ object per image: a forked worker that reads entry 900,000 touches a few pages o
 instead of bumping the reference counts of a million dicts (which copies them page by page), and
 a spawned worker unpickles a handful of buffers.
 
-Problems never stop a scan: each bad file becomes a ``Problem`` (path, reason, stage) in the
-report, and the caller's ``on_error`` policy decides what to do with the list.
+Problems never stop a scan: each bad file becomes a ``Problem`` (kind, subset, path, reason) in
+the report, and the caller's ``on_error`` policy decides what to do with the list. Paths stay
+inside their roots: a symlink or metadata key that leads out of the image folder is reported and
+skipped, never followed (see ``stoker.data.inputs``).
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from stoker.data.config import DatasetConfig, SubsetConfig, load_metadata
 from stoker.data.images import ImageProblem, read_image_size
-from stoker.errors import DatasetError
+from stoker.data.inputs import (
+    CAPTION_LIMIT_BYTES,
+    UnusableFile,
+    inside,
+    lexically_inside,
+    os_reason,
+    read_bounded,
+)
+from stoker.errors import DatasetError, Problem, ProblemKind
 from stoker.files import atomic_write_text
 from stoker.progress import progress_bar
+from stoker.warn import warn
 
 __all__ = ["Catalog", "Problem", "StringTable", "scan_dataset", "image_extensions"]
 
 _BASE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SCAN_CACHE_NAME = ".stoker-scan-cache.json"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+_CACHE_LIMIT_BYTES = 1 << 30
 
 
 def image_extensions() -> tuple[str, ...]:
@@ -41,24 +54,6 @@ def image_extensions() -> tuple[str, ...]:
     registered = Image.registered_extensions()
     extra = tuple(ext for ext in (".avif", ".jxl") if ext in registered)
     return _BASE_EXTENSIONS + extra
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Problem:
-    """A file that could not be used as it is.
-
-    Attributes:
-        path: the file.
-        reason: plain words (``"zero-byte file"``, ``"caption is not UTF-8"``).
-        stage: ``"scan"`` (found while scanning), ``"bucket"`` (too small for any bucket) or
-            ``"decode"`` (failed in a worker and was replaced).
-        action: what stoker did: ``"skipped"``, ``"replaced"`` or ``"used class tokens"``.
-    """
-
-    path: str
-    reason: str
-    stage: str = "scan"
-    action: str = "skipped"
 
 
 class StringTable:
@@ -127,6 +122,17 @@ class Catalog:
     def __len__(self) -> int:
         return len(self.widths)
 
+    def fingerprint(self) -> str:
+        """A digest of which files, of which sizes, in which subsets: the dataset's identity."""
+        digest = hashlib.blake2b(digest_size=16)
+        for table in (self.paths, self.conditioning):
+            blob, offsets = table.__getstate__()
+            digest.update(blob)
+            digest.update(np.asarray(offsets, "<i8").tobytes())
+        for array in (self.widths, self.heights, self.subset):
+            digest.update(np.asarray(array, "<i8").tobytes())
+        return digest.hexdigest()
+
     def select(self, keep: np.ndarray) -> Catalog:
         """The catalog restricted to the images at the indices in ``keep`` (in that order)."""
         return Catalog(
@@ -174,7 +180,7 @@ def scan_dataset(
     rows, problems = _Rows(), list[Problem]()
     subsets: list[SubsetConfig] = []
     owners: list[int] = []
-    pending: list[tuple[int, Path]] = []  # (row, path) whose size must be read
+    pending: list[tuple[int, str]] = []  # (row, path) whose size must be read
     for d, dataset in enumerate(datasets):
         for subset in dataset.subsets:
             index = len(subsets)
@@ -201,31 +207,34 @@ def _scan_subset(
     index: int,
     rows: _Rows,
     problems: list[Problem],
-    pending: list[tuple[int, Path]],
+    pending: list[tuple[int, str]],
 ) -> None:
     if subset.metadata_file is not None:
-        entries = _metadata_entries(subset, problems)
+        entries = _metadata_entries(subset, index, problems)
     else:
-        entries = [(p, None, None) for p in _list_images(subset)]
+        entries = [(p, None, None) for p in _list_images(subset, index, problems)]
     cond_dir = _checked_dir(subset.conditioning_data_dir, subset, "conditioning_data_dir")
-    cond_index = _index_by_stem(cond_dir) if cond_dir is not None else {}
+    cond_index = _index_by_stem(cond_dir, subset, index, problems) if cond_dir is not None else {}
     for path, caption, size in entries:
         if caption is None:
-            caption = _read_caption(path, subset, problems)
+            caption = _read_caption(Path(path), subset, index, problems)
         conditioning = ""
         if cond_dir is not None:
-            match = cond_index.get(path.stem)
+            stem = os.path.splitext(os.path.basename(path))[0]
+            match = cond_index.get(stem)
             if match is None:
                 problems.append(
                     Problem(
-                        path=str(path),
-                        reason=(f"no conditioning image named {path.stem}.* in {cond_dir}"),
+                        path=path,
+                        reason=f"no conditioning image named {stem}.* in {cond_dir}",
+                        kind="no_conditioning",
+                        subset=index,
                     )
                 )
                 continue
             conditioning = str(match)
         row = len(rows.paths)
-        rows.paths.append(str(path))
+        rows.paths.append(path)
         rows.captions.append(caption)
         rows.conditioning.append(conditioning)
         rows.subset.append(index)
@@ -245,91 +254,148 @@ def _checked_dir(folder: Path | None, subset: SubsetConfig, key: str) -> Path | 
     return folder
 
 
-def _list_images(subset: SubsetConfig) -> list[Path]:
+def _list_images(subset: SubsetConfig, index: int, problems: list[Problem]) -> list[str]:
     folder = _checked_dir(subset.image_dir, subset, "image_dir")
     if folder is None:
         raise DatasetError(f"{subset.where}: a subset needs image_dir or metadata_file")
+    found = _image_files(folder, subset, index, problems)
+    return [str(folder / name) for name in sorted(found)]
+
+
+def _image_files(
+    folder: Path, subset: SubsetConfig, index: int, problems: list[Problem]
+) -> list[str]:
+    """Names of the usable image files in ``folder``; symlinks out of it and non-files reported."""
     extensions = image_extensions()
-    with os.scandir(folder) as it:
-        names = sorted(e.name for e in it if e.is_file() and _has_ext(e.name, extensions))
-    return [folder / name for name in names]
+    root = os.path.realpath(folder)
+    try:
+        with os.scandir(folder) as it:
+            entries = [e for e in it if _has_ext(e.name, extensions)]
+    except OSError as err:
+        raise DatasetError(
+            f"{subset.where}: cannot list the folder '{folder}': {os_reason(err)}; "
+            "make it readable (chmod) or take it out of the dataset"
+        ) from None
+    names = []
+    for entry in entries:
+        path = os.path.join(folder, entry.name)
+        found = _entry_problem(entry, root)
+        if found == "file":
+            names.append(entry.name)
+        elif found != "folder":
+            kind, reason = found
+            problems.append(Problem(path=path, reason=reason, kind=kind, subset=index))
+    return names
+
+
+def _entry_problem(
+    entry: os.DirEntry[str], root: str
+) -> tuple[ProblemKind, str] | Literal["file", "folder"]:
+    """``"file"`` when usable, ``"folder"`` (silently not an image), else the problem."""
+    try:
+        if entry.is_symlink():
+            problem = symlink_problem(entry.path, root)
+            if problem is not None:
+                return problem
+        if entry.is_file():
+            return "file"
+        if entry.is_dir():
+            return "folder"
+        return "not_regular_file", "not a regular file (FIFO, device or socket)"
+    except OSError as err:
+        return "missing_image", f"cannot be read: {os_reason(err)}"
+
+
+def symlink_problem(path: str, root: str) -> tuple[ProblemKind, str] | None:
+    """Why the symlink at ``path`` must not be followed (dangling, a loop, out of ``root``), or None."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == 2:
+            return "missing_image", "dangling symlink: its target does not exist"
+        return "missing_image", f"symlink cannot be followed: {os_reason(err)}"
+    if not inside(path, root):
+        return (
+            "outside_root",
+            f"symlink leads outside the dataset folder {root} (to {os.path.realpath(path)}); "
+            "copy the file in, or point image_dir at the folder that holds it",
+        )
+    return None
 
 
 def _has_ext(name: str, extensions: tuple[str, ...]) -> bool:
     return os.path.splitext(name)[1].lower() in extensions
 
 
-def _index_by_stem(folder: Path) -> dict[str, Path]:
-    extensions = image_extensions()
+def _index_by_stem(
+    folder: Path, subset: SubsetConfig, index: int, problems: list[Problem]
+) -> dict[str, Path]:
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and _has_ext(path.name, extensions):
-            found.setdefault(path.stem, path)
+    for name in sorted(_image_files(folder, subset, index, problems)):
+        found.setdefault(os.path.splitext(name)[0], folder / name)
     return found
 
 
-def _read_caption(image: Path, subset: SubsetConfig, problems: list[Problem]) -> str:
-    """The caption file's text, or the class tokens when it is missing, empty or unreadable."""
+def _read_caption(image: Path, subset: SubsetConfig, index: int, problems: list[Problem]) -> str:
+    """The caption file's text, or the class tokens when it is missing, empty or unusable."""
     fallback = subset.class_tokens or ""
     file = image.with_name(image.stem + subset.caption_extension)
+
+    def problem(reason: str, kind: ProblemKind = "bad_caption") -> str:
+        action = "used class tokens" if fallback else "used empty caption"
+        problems.append(
+            Problem(path=str(file), reason=reason, kind=kind, subset=index, action=action)
+        )
+        return fallback
+
     try:
-        raw = file.read_bytes()
+        if os.path.islink(file):
+            link = symlink_problem(str(file), os.path.realpath(image.parent))
+            if link is not None and link[0] == "outside_root":
+                return problem(f"caption {link[1]}", "outside_root")
+        raw = read_bounded(file, CAPTION_LIMIT_BYTES)
     except FileNotFoundError:
         if not fallback:
             problems.append(
                 Problem(
                     path=str(image),
-                    reason=(f"no caption file {file.name} and no class_tokens"),
+                    reason=f"no caption file {file.name} and no class_tokens",
+                    kind="missing_caption",
+                    subset=index,
                     action="used empty caption",
                 )
             )
         return fallback
+    except UnusableFile as err:
+        return problem(f"caption file {err.reason}")
     except OSError as err:
-        problems.append(
-            Problem(
-                path=str(file),
-                reason=f"caption unreadable: {err.strerror}",
-                action="used class tokens",
-            )
-        )
-        return fallback
+        return problem(f"caption unreadable: {os_reason(err)}")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        problems.append(
-            Problem(path=str(file), reason="caption is not UTF-8", action="used class tokens")
-        )
-        return fallback
-    return _caption_text(text, file, fallback, problems)
-
-
-def _caption_text(text: str, file: Path, fallback: str, problems: list[Problem]) -> str:
+        return problem("caption is not UTF-8")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
-        problems.append(
-            Problem(path=str(file), reason="caption file is empty", action="used class tokens")
-        )
-        return fallback
+        return problem("caption file is empty")
     # Lines stay: caption rules pick one (wildcard mode) or keep the first, as sd-scripts does.
     return "\n".join(lines)
 
 
 def _metadata_entries(
-    subset: SubsetConfig, problems: list[Problem]
-) -> list[tuple[Path, str | None, tuple[int, int] | None]]:
+    subset: SubsetConfig, index: int, problems: list[Problem]
+) -> list[tuple[str, str | None, tuple[int, int] | None]]:
     assert subset.metadata_file is not None
     metadata = load_metadata(subset.metadata_file)
-    extensions = image_extensions()
+    finder = _KeyFinder(subset.image_dir if subset.image_dir is not None else Path.cwd())
     entries = []
     for key, info in metadata.items():
-        path = _metadata_image(key, subset.image_dir, extensions)
+        path, why = finder.find(key)
         if path is None:
-            problems.append(
-                Problem(
-                    path=key,
-                    reason=(f"listed in {subset.metadata_file.name} but no image file was found"),
-                )
+            kind, reason = why or (
+                "missing_image",
+                f"listed in {subset.metadata_file.name} but no image file was found",
             )
+            problems.append(Problem(path=key, reason=reason, kind=kind, subset=index))
             continue
         caption, tags = info.get("caption"), info.get("tags")
         if caption is None:
@@ -346,20 +412,60 @@ def _metadata_entries(
     return entries
 
 
-def _metadata_image(key: str, image_dir: Path | None, extensions: tuple[str, ...]) -> Path | None:
-    direct = Path(key)
-    if direct.is_absolute() and direct.is_file():
-        return direct
-    base = image_dir if image_dir is not None else Path.cwd()
-    candidate = base / key
-    if candidate.suffix.lower() in extensions and candidate.is_file():
-        return candidate
-    for ext in extensions:
-        for variant in (ext, ext.upper()):
-            path = base / (key + variant)
-            if path.is_file():
-                return path
-    return None
+class _KeyFinder:
+    """Metadata keys to image files, by one listing per folder instead of stats per key.
+
+    A key is a path relative to the base (``image_dir``), with or without its extension, or an
+    absolute path (the user's explicit choice). A relative key that climbs out of the base
+    (``../x``), a key with a NUL byte, or a symlink leading out of the base is refused.
+    """
+
+    def __init__(self, base: Path) -> None:
+        self.base = os.path.abspath(base)
+        self.root = os.path.realpath(base)
+        self.extensions = image_extensions()
+        self._folders: dict[str, dict[str, bool]] = {}  # folder -> name -> is_symlink
+
+    def _listing(self, folder: str) -> dict[str, bool]:
+        names = self._folders.get(folder)
+        if names is None:
+            names = {}
+            try:
+                with os.scandir(folder) as it:
+                    for entry in it:
+                        if _has_ext(entry.name, self.extensions):
+                            names[entry.name] = entry.is_symlink()
+            except OSError:
+                pass  # a missing or unreadable folder holds no images: each key is reported
+            self._folders[folder] = names
+        return names
+
+    def find(self, key: str) -> tuple[str | None, tuple[ProblemKind, str] | None]:
+        if "\0" in key:
+            return None, ("missing_image", "image key holds a NUL byte")
+        absolute = os.path.isabs(key)
+        joined = os.path.normpath(key if absolute else os.path.join(self.base, key))
+        if not absolute and not lexically_inside(joined, self.base):
+            return None, (
+                "outside_root",
+                f"image key leads outside image_dir {self.base}; keys are relative to image_dir",
+            )
+        folder, name = os.path.split(joined)
+        listing = self._listing(folder)
+        candidates = [name] if _has_ext(name, self.extensions) else []
+        candidates += [name + ext for ext in self.extensions]
+        candidates += [name + ext.upper() for ext in self.extensions]
+        for candidate in candidates:
+            if candidate not in listing:
+                continue
+            path = os.path.join(folder, candidate)
+            if listing[candidate]:
+                root = folder if absolute else self.root
+                problem = symlink_problem(path, root)
+                if problem is not None:
+                    return None, problem
+            return path, None
+        return None, None
 
 
 # --- sizes, in parallel, with the scan cache -------------------------------------------------
@@ -367,7 +473,7 @@ def _metadata_image(key: str, image_dir: Path | None, extensions: tuple[str, ...
 
 def _read_sizes(
     rows: _Rows,
-    pending: list[tuple[int, Path]],
+    pending: list[tuple[int, str]],
     subsets: list[SubsetConfig],
     threads: int,
     progress: Callable[[int, int], None] | None,
@@ -375,7 +481,7 @@ def _read_sizes(
 ) -> np.ndarray:
     sizes = np.asarray(rows.sizes, dtype=np.int64).reshape(-1, 2)
     caches = _ScanCaches()
-    todo: list[tuple[int, Path, os.stat_result | None]] = []
+    todo: list[tuple[int, str, os.stat_result | None]] = []
     for row, path in pending:
         subset = subsets[rows.subset[row]]
         stat = _stat(path)
@@ -387,7 +493,7 @@ def _read_sizes(
     results = _parallel_sizes([p for _, p, _ in todo], threads, progress)
     for (row, path, stat), result in zip(todo, results, strict=True):
         if isinstance(result, str):
-            problems.append(Problem(path=str(path), reason=result))
+            problems.append(Problem(path=path, reason=result, subset=rows.subset[row]))
             sizes[row] = (0, 0)
             continue
         sizes[row] = result
@@ -397,14 +503,14 @@ def _read_sizes(
     return sizes
 
 
-def _stat(path: Path) -> os.stat_result | None:
+def _stat(path: str) -> os.stat_result | None:
     try:
-        return path.stat()
+        return os.stat(path)
     except OSError:
         return None
 
 
-def _size_or_reason(path: Path) -> tuple[int, int] | str:
+def _size_or_reason(path: str) -> tuple[int, int] | str:
     try:
         return read_image_size(path)
     except ImageProblem as err:
@@ -412,7 +518,7 @@ def _size_or_reason(path: Path) -> tuple[int, int] | str:
 
 
 def _parallel_sizes(
-    paths: list[Path], threads: int, progress: Callable[[int, int], None] | None
+    paths: list[str], threads: int, progress: Callable[[int, int], None] | None
 ) -> list[tuple[int, int] | str]:
     """Header sizes for ``paths``; threads overlap the file reads (parsing holds the GIL briefly)."""
     total = len(paths)
@@ -436,49 +542,100 @@ def _parallel_sizes(
     return results
 
 
-class _ScanCaches:
-    """One JSON cache file per image folder: name -> [size_bytes, mtime_ns, width, height].
+def _stat_key(stat: os.stat_result) -> list[int]:
+    """What must match for a cached size to count: size, mtime, ctime and inode.
 
-    An entry counts only while the file's size and mtime are unchanged. Files are written to a
-    temporary name and renamed, so an interrupted scan never leaves a half-written cache.
+    ctime cannot be set by a user (``touch -d`` and ``os.utime`` set mtime only), and a rewrite by
+    rename changes the inode, so a file rewritten with the same size and mtime is still noticed.
+    """
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def _valid_entry(entry: object) -> bool:
+    return (
+        isinstance(entry, list)
+        and len(entry) == 6
+        and all(type(v) is int for v in entry)
+        and entry[4] > 0
+        and entry[5] > 0
+    )
+
+
+class _ScanCaches:
+    """One JSON cache file per image folder: name -> [size, mtime_ns, ctime_ns, inode, width, height].
+
+    An entry counts only while size, mtime, ctime and inode are unchanged. A cache of an older
+    version is rebuilt silently; one that is unreadable or has entries of the wrong shape is
+    ignored and rebuilt with one warning. Files are written by ``stoker.files.atomic_write_text``
+    (never through a symlink); a folder that cannot be written is said once, and the scan stands.
     """
 
     def __init__(self) -> None:
-        self._folders: dict[Path, dict[str, list[int]]] = {}
-        self._dirty: set[Path] = set()
+        self._folders: dict[str, dict[str, list[int]]] = {}
+        self._dirty: set[str] = set()
 
-    def _load(self, folder: Path) -> dict[str, list[int]]:
+    def _load(self, folder: str) -> dict[str, list[int]]:
         if folder not in self._folders:
-            try:
-                data = json.loads((folder / SCAN_CACHE_NAME).read_text(encoding="utf-8"))
-                entries = data["entries"] if data.get("version") == _CACHE_VERSION else {}
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                entries = {}
-            self._folders[folder] = entries if isinstance(entries, dict) else {}
+            entries, why = _read_cache(os.path.join(folder, SCAN_CACHE_NAME))
+            if why is not None:
+                warn(
+                    f"ignored the scan cache {os.path.join(folder, SCAN_CACHE_NAME)} ({why}); "
+                    "it is rebuilt from the image headers",
+                    once=False,
+                )
+                self._dirty.add(folder)
+            self._folders[folder] = entries
         return self._folders[folder]
 
-    def get(self, path: Path, stat: os.stat_result) -> tuple[int, int] | None:
-        entry = self._load(path.parent).get(path.name)
-        if (
-            isinstance(entry, list)
-            and len(entry) == 4
-            and entry[0] == stat.st_size
-            and entry[1] == stat.st_mtime_ns
-        ):
-            return int(entry[2]), int(entry[3])
+    def get(self, path: str, stat: os.stat_result) -> tuple[int, int] | None:
+        folder, name = os.path.split(path)
+        entry = self._load(folder).get(name)
+        if entry is not None and entry[:4] == _stat_key(stat):
+            return entry[4], entry[5]
         return None
 
-    def put(self, path: Path, stat: os.stat_result, size: tuple[int, int]) -> None:
-        self._load(path.parent)[path.name] = [stat.st_size, stat.st_mtime_ns, size[0], size[1]]
-        self._dirty.add(path.parent)
+    def put(self, path: str, stat: os.stat_result, size: tuple[int, int]) -> None:
+        folder, name = os.path.split(path)
+        self._load(folder)[name] = [*_stat_key(stat), int(size[0]), int(size[1])]
+        self._dirty.add(folder)
 
     def save(self) -> None:
-        for folder in self._dirty:
-            target = folder / SCAN_CACHE_NAME
+        for folder in sorted(self._dirty):
+            target = os.path.join(folder, SCAN_CACHE_NAME)
             text = json.dumps({"version": _CACHE_VERSION, "entries": self._folders[folder]})
-            # A read-only dataset folder just means no cache: the scan result stands.
-            with contextlib.suppress(OSError):
+            try:
                 atomic_write_text(target, text)
+            except OSError as err:
+                warn(
+                    f"could not write the scan cache {target} ({os_reason(err)}); the scan is "
+                    "complete, but the next one reads every header again (set cache_info = false "
+                    "to stop trying)",
+                    once=False,
+                )
+
+
+def _read_cache(file: str) -> tuple[dict[str, list[int]], str | None]:
+    """The valid entries of a scan cache file and, when it was corrupt, why (None: fine or absent)."""
+    try:
+        if os.path.islink(file):
+            return {}, "it is a symlink; stoker never reads or writes through one"
+        data = json.loads(read_bounded(file, _CACHE_LIMIT_BYTES).decode("utf-8"))
+    except FileNotFoundError:
+        return {}, None
+    except UnusableFile as err:
+        return {}, err.reason
+    except OSError as err:
+        return {}, os_reason(err)
+    except (ValueError, RecursionError):
+        return {}, "not valid JSON"
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+        return {}, "not a scan cache object"
+    if data.get("version") != _CACHE_VERSION:
+        return {}, None  # an older stoker's cache: rebuilt without a word
+    entries = data["entries"]
+    good = {k: v for k, v in entries.items() if isinstance(k, str) and _valid_entry(v)}
+    bad = len(entries) - len(good)
+    return good, (f"{bad} entries of the wrong shape" if bad else None)
 
 
 def stderr_progress(label: str) -> Callable[[int, int], None] | None:

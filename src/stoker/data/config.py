@@ -39,9 +39,8 @@ import numbers
 import os
 import re
 import sys
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,7 +49,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
-from stoker.errors import ConfigError, DatasetError, StokerWarning
+from stoker.data.buckets import BucketSpec
+from stoker.data.captions import CaptionRules
+from stoker.errors import ConfigError, DatasetError
+from stoker.warn import warn
 
 __all__ = [
     "DatasetConfig",
@@ -127,6 +129,9 @@ _DATASET_KEYS = {
     "validation_seed": _INT,
     "resize_interpolation": _STR,
     "skip_image_resolution": _SIZE,
+    # stoker's caches (stoker.cache): folders, relative to the config file's folder.
+    "latent_cache": _PATH,
+    "text_cache": _PATH,
 }
 # Dataset settings that sd-scripts takes only from its command line, never from a config file.
 _OVERRIDE_ONLY_KEYS = {"prior_loss_weight": _FLOAT, "debug_dataset": _BOOL}
@@ -187,6 +192,9 @@ _AT_LEAST = {
 # sd-scripts' FineTuningDataset reads JSONL metadata lines keyed by this field.
 _JSONL_IMAGE_KEY = "image_path"
 _TOML_POSITION = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)$")
+
+
+_CAPTION_FIELDS = tuple(CaptionRules.__dataclass_fields__)
 
 
 class _Invalid(Exception):
@@ -310,6 +318,11 @@ class SubsetConfig:
                 f"{self.where or 'SubsetConfig'}: a {_KIND_LABELS[self.kind][0]} subset needs "
                 + " and ".join(missing)
             )
+        _with_where(self.where or "SubsetConfig", self.caption_rules)
+
+    def caption_rules(self) -> CaptionRules:
+        """The caption keys of this subset as a `CaptionRules` (same names as sd-scripts' keys)."""
+        return CaptionRules(**{name: getattr(self, name) for name in _CAPTION_FIELDS})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -330,6 +343,8 @@ class DatasetConfig:
         validation_seed: Seed of that split; ``None`` uses the training seed.
         resize_interpolation: Dataset default for subsets that do not set their own.
         skip_image_resolution: Leave out images whose area is at most this ``(width, height)``.
+        latent_cache: stoker's latent cache folder for this dataset (``stoker.cache_latents``).
+        text_cache: stoker's text-encoder cache folder (``stoker.cache_text_encoder_outputs``).
         prior_loss_weight: Loss weight of regularization images (command line only in sd-scripts).
         debug_dataset: sd-scripts' dataset preview mode (command line only in sd-scripts).
         validation: True for the held-out copy that the dataset builds from ``validation_split``.
@@ -349,6 +364,8 @@ class DatasetConfig:
     validation_seed: int | None = None
     resize_interpolation: str | None = None
     skip_image_resolution: tuple[int, int] | None = None
+    latent_cache: Path | None = None
+    text_cache: Path | None = None
     prior_loss_weight: float = 1.0
     debug_dataset: bool = False
     validation: bool = False
@@ -367,6 +384,26 @@ class DatasetConfig:
         if not isinstance(self.validation, bool):
             raise ConfigError(f"{where}: validation must be true or false")
         _check_fields(self, skip=("subsets", "validation", "where"))
+        if any(side % 8 for side in self.resolution):
+            # No VAE of SD 1.x, 2.x, SDXL or SD3 takes a side that is not a multiple of 8 (the
+            # latent is 1/8 of it); without bucketing the image would be cropped to it as is.
+            raise ConfigError(
+                f"{where}: resolution = {list(self.resolution)}: each side must be a multiple of 8 "
+                f"(the VAE works on 8x8 blocks); use {[side - side % 8 for side in self.resolution]}"
+                " for example"
+            )
+        _with_where(where, self.bucket_spec)
+
+    def bucket_spec(self) -> BucketSpec:
+        """The bucket keys of this dataset as a `BucketSpec` (sd-scripts' keys map one to one)."""
+        return BucketSpec(
+            resolution=self.resolution,
+            enable_bucket=self.enable_bucket,
+            min_reso=self.min_bucket_reso,
+            max_reso=self.max_bucket_reso,
+            reso_steps=self.bucket_reso_steps,
+            no_upscale=self.bucket_no_upscale,
+        )
 
     @property
     def kind(self) -> SubsetKind:
@@ -394,6 +431,14 @@ class DatasetGroupConfig:
         object.__setattr__(self, "skipped_dirs", tuple(tuple(s) for s in self.skipped_dirs))
         if not self.datasets:
             raise ConfigError(f"{self.source or 'DatasetGroupConfig'}: no datasets")
+
+
+def _with_where(where: str, build: Any) -> None:
+    """Run a record's own validation, naming the file and table in its error."""
+    try:
+        build()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,7 +485,8 @@ def parse_dataset_config(
     override_layer = _check_overrides(overrides)
     built = []
     for index, raw in enumerate(datasets, 1):
-        built.append(_build_dataset(raw, index, source, (general_layer, override_layer)))
+        dataset = _build_dataset(raw, index, source, (general_layer, override_layer))
+        built.append(_cache_folders(dataset, source))
     return DatasetGroupConfig(datasets=tuple(built), source=file)
 
 
@@ -676,6 +722,16 @@ def _build_dataset(
     return _make_dataset(_drop_duplicates(subsets), where, [layer, *lower])
 
 
+def _cache_folders(dataset: DatasetConfig, source: _Source) -> DatasetConfig:
+    """Cache folders may not exist yet: relative ones are taken from the config file's folder."""
+    latent, text = dataset.latent_cache, dataset.text_cache
+    return replace(
+        dataset,
+        latent_cache=None if latent is None else _absolute(source.folder, latent.expanduser()),
+        text_cache=None if text is None else _absolute(source.folder, text.expanduser()),
+    )
+
+
 def _make_subset(kind: SubsetKind, where: str, layers: Sequence[Mapping[str, Any]]) -> SubsetConfig:
     """Build a subset from checked layers, highest precedence first, keeping the keys its kind uses."""
     allowed = _SUBSET_SHARED_KEYS.keys() | _SUBSET_KIND_KEYS[kind]
@@ -739,12 +795,11 @@ def _drop_duplicates(subsets: list[SubsetConfig]) -> tuple[SubsetConfig, ...]:
         else:
             identity = (subset.image_dir, subset.conditioning_data_dir)
         if identity in first:
-            warnings.warn(
+            warn(
                 f"{subset.where}: ignored, it reads the same data as {first[identity].where} and "
                 "sd-scripts uses only the first of duplicate subsets; raise num_repeats instead "
                 "to see these images more often",
-                StokerWarning,
-                stacklevel=4,
+                once=False,
             )
             continue
         first[identity] = subset
@@ -1040,8 +1095,7 @@ def _warn_skipped(skipped: list[tuple[str, str]]) -> None:
     message = (
         f"left out {len(skipped)} folder(s) that do not follow <repeats>_<class tokens>: {names}"
     )
-    logger.warning(message)
-    warnings.warn(message, StokerWarning, stacklevel=3)
+    warn(message)
 
 
 # --- metadata ------------------------------------------------------------------------------------
@@ -1074,11 +1128,10 @@ def _parse_metadata_jsonl(text: str, label: str) -> dict[str, dict[str, Any]]:
         first_line.setdefault(image, number)
         metadata[image] = _check_metadata_entry(entry, where)
     if repeated:
-        warnings.warn(
+        warn(
             f"{label}: {len(repeated)} image path(s) appear more than once, the last line wins as in "
             f"sd-scripts: {', '.join(repeated[:5])}",
-            StokerWarning,
-            stacklevel=3,
+            once=False,
         )
     return metadata
 

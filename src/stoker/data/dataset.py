@@ -11,8 +11,8 @@ it, how many workers there are, or how they were started.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +21,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from stoker.data.buckets import BucketReport, BucketSpec, assign_buckets, bucket_report
-from stoker.data.captions import CaptionRules, process_caption
+from stoker.data.buckets import BucketReport, assign_buckets, bucket_report
+from stoker.data.captions import process_caption
 from stoker.data.catalog import Catalog, Problem, scan_dataset, stderr_progress
 from stoker.data.config import (
     DatasetConfig,
@@ -43,14 +43,14 @@ from stoker.data.images import (
     resize_crop,
 )
 from stoker.data.sampler import BucketBatchSampler, balance_reg_repeats
-from stoker.errors import DatasetError, StokerWarning
+from stoker.errors import ConfigError, DatasetError
 from stoker.rng import Stream, keyed_rng
+from stoker.warn import warn
 
 __all__ = ["DatasetReport", "StokerDataset", "load_dataset", "passthrough_collate"]
 
 OnError = Literal["raise", "skip", "warn"]
 Output = Literal["float", "uint8"]
-_CAPTION_FIELDS = tuple(f.name for f in dataclasses.fields(CaptionRules))
 # How many other images of the same bucket to try before giving up on a batch slot.
 _REPLACEMENT_TRIES = 8
 
@@ -90,14 +90,72 @@ class DatasetReport:
     buckets: tuple[BucketReport, ...]
     notes: tuple[str, ...] = ()
 
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+    def lines(self) -> list[str]:
+        """The report as ``stoker scan`` prints it: one line per subset, note, bucket, problem."""
+        lines = [
+            f"{_counted(self.images, 'image')}, {_counted(self.samples_per_epoch, 'sample')} per "
+            f"epoch (with repeats), {_counted(self.batches_per_epoch, 'batch', 'batches')} per "
+            "epoch",
+            "Subsets:",
+        ]
+        train = sum(s.samples_per_epoch for s in self.subsets if not s.is_reg)
+        for sub in self.subsets:
+            kind = "reg  " if sub.is_reg else "train"
+            line = (
+                f"  {kind} {sub.images:>6} {'image ' if sub.images == 1 else 'images'} "
+                f"x{sub.num_repeats:<3} -> {sub.samples_per_epoch:>7} samples  {sub.folder}"
+            )
+            if sub.missing_captions:
+                line += f"  ({sub.missing_captions} without caption)"
+            if sub.is_reg and sub.samples_per_epoch != sub.images * sub.num_repeats:
+                line += (
+                    f"  (balanced: as sd-scripts does, regularisation images are repeated to "
+                    f"match the {train} training samples, not x{sub.num_repeats})"
+                )
+            lines.append(line)
+        lines += [f"Note: {note}" for note in self.notes]
+        for d, buckets in enumerate(self.buckets):
+            lines.append(
+                f"Buckets of dataset {d + 1} (mean aspect error {buckets.mean_ar_error:.4f}):"
+            )
+            lines += [
+                f"  {b.width:>5} x {b.height:<5} {b.count:>7} {'image ' if b.count == 1 else 'images'}"
+                f"  aspect error {b.mean_ar_error:+.4f}"
+                for b in buckets.buckets
+            ]
+        if self.problems:
+            lines.append(f"Problems ({len(self.problems)}):")
+            lines += [f"  {p.path}: {p.reason} [{p.action}]" for p in self.problems]
+        return lines
+
+
+def _spelling_free(value: Any) -> Any:
+    """Config records without their ``where`` (the source path as the caller spelled it), so
+    ``ds/x.toml`` and ``/abs/ds/x.toml`` share one fingerprint; image paths are already absolute."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (
+            type(value).__qualname__,
+            tuple(
+                (f.name, _spelling_free(getattr(value, f.name)))
+                for f in dataclasses.fields(value)
+                if f.name != "where"
+            ),
+        )
+    if isinstance(value, (tuple, list)):
+        return tuple(_spelling_free(v) for v in value)
+    return value
+
+
+def _counted(count: int, noun: str, plural: str | None = None) -> str:
+    return f"{count} {noun if count == 1 else (plural or noun + 's')}"
+
 
 def passthrough_collate(batch: Any) -> Any:
     """``collate_fn`` for datasets whose ``__getitems__`` already returns a whole batch."""
     return batch
-
-
-def _caption_rules(subset: SubsetConfig) -> CaptionRules:
-    return CaptionRules(**{name: getattr(subset, name) for name in _CAPTION_FIELDS})
 
 
 class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
@@ -125,6 +183,7 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         max_train_steps: int | None = None,
         output: Output = "float",
         fast_decode: bool = True,
+        on_error: OnError = "warn",
     ) -> None:
         self.catalog = catalog
         self.datasets = tuple(datasets)
@@ -134,14 +193,32 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.repeats = repeats
         self.batch_sizes = batch_sizes
         self.report = report
+        self.on_error = on_error
         self.seed = seed
         self.max_train_steps = max_train_steps
         self.output = output
         self.fast_decode = fast_decode
-        self.caption_rules = tuple(_caption_rules(s) for s in catalog.subsets)
+        self.caption_rules = tuple(s.caption_rules() for s in catalog.subsets)
         self.has_alpha = any(s.alpha_mask for s in catalog.subsets)
         self.has_conditioning = any(s.conditioning_data_dir is not None for s in catalog.subsets)
         self.decode_problems: list[Problem] = []  # filled in the main process by the loader
+        # Set by load_dataset(latent_cache=..., text_cache=...): readers of stoker.cache.
+        self.latents: Any = None
+        self.text: Any = None
+        self._catalog_id: str | None = None
+
+    @property
+    def report(self) -> DatasetReport:
+        """What the scan found, with the decode-time problems the loader has met so far."""
+        if not self.decode_problems:
+            return self._report
+        return dataclasses.replace(
+            self._report, problems=self._report.problems + tuple(self.decode_problems)
+        )
+
+    @report.setter
+    def report(self, value: DatasetReport) -> None:
+        self._report = value
 
     def __len__(self) -> int:
         return len(self.catalog)
@@ -172,7 +249,44 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             rank=rank,
             world_size=world_size,
             even_batches=even_batches,
+            dataset_id=self._dataset_id(),
         )
+
+    def _dataset_id(self) -> str:
+        if self._catalog_id is None:
+            self._catalog_id = self.catalog.fingerprint()
+        return self._catalog_id
+
+    def batch_sizes_in_use(self) -> list[int]:
+        """The distinct batch sizes of its datasets' configs."""
+        return sorted({int(b) for b in self.batch_sizes})
+
+    def fingerprint(self) -> str:
+        """A digest of what makes loading it fast or slow: batch layout, paths, image sizes,
+        buckets and every subset setting (the tuner's remembered choice is keyed on it)."""
+        catalog = self.catalog
+        digest = hashlib.blake2b(digest_size=16)
+        sampler = self.make_batch_sampler(seed=0, shuffle=False)
+        digest.update(str(sampler.state_dict()["fingerprint"]).encode())
+        blob, offsets = catalog.paths.__getstate__()
+        digest.update(blob)
+        digest.update(np.asarray(offsets, "<i8").tobytes())
+        for array in (catalog.widths, catalog.heights, self.bucket_wh, self.resized_wh):
+            digest.update(np.asarray(array, "<i8").tobytes())
+        settings = (
+            type(self).__qualname__,
+            self.output,
+            self.fast_decode,
+            repr(_spelling_free(catalog.subsets)),
+            repr(_spelling_free(self.datasets)),
+        )
+        digest.update(repr(settings).encode())
+        return digest.hexdigest()
+
+    def sample_paths(self, batch: Sequence[Any]) -> list[str]:
+        """The image files behind one batch of its sampler (keys are (epoch, position, image,
+        step))."""
+        return [self.catalog.paths[int(key[2])] for key in batch]
 
     def __getitem__(self, key: int | tuple[int, int, int, int]) -> dict[str, Any]:
         """One sample as a batch of one; an int means that image at epoch 0, position = image."""
@@ -181,36 +295,64 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return self.__getitems__([key])
 
     def __getitems__(self, keys: Sequence[Sequence[int]]) -> dict[str, Any]:
+        """A batch of the samples at ``keys``.
+
+        A sample whose file fails to decode (or is no longer the size the scan saw) is replaced by
+        another image of its bucket; when none decodes, the slot is dropped and the batch is
+        smaller (an ``"empty"`` batch when nothing is left, which the loader skips). Either way the
+        files are in ``batch["replaced"]`` as `Problem` records, which the loader adds to
+        ``dataset.report``. With ``on_error="raise"`` the first such file raises `DatasetError`.
+        """
         samples, replaced = [], []
         for key in keys:
             sample, problems = self._sample_or_replacement(tuple(int(k) for k in key))
-            samples.append(sample)
+            if sample is not None:
+                samples.append(sample)
             replaced += problems
+        if not samples:
+            return {"empty": True, "replaced": replaced, "images": None, "captions": []}
         batch = _collate(samples, float_images=self.output == "float")
+        if self.text is not None:  # cached text-encoder outputs of the final captions
+            batch |= self.text.collate(batch["captions"])
         batch["replaced"] = replaced
+        _share_in_worker(batch)
         return batch
 
     # --- one sample ------------------------------------------------------------------------
 
     def _sample_or_replacement(
         self, key: tuple[int, ...]
-    ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    ) -> tuple[dict[str, Any] | None, list[Problem]]:
         epoch, position, image, step = key
-        problems: list[tuple[str, str]] = []
+        problems: list[Problem] = []
         try:
             return self._sample(image, epoch, position, step), problems
         except ImageProblem as err:
-            problems.append((self.catalog.paths[image], err.reason))
+            problems.append(self._decode_problem(image, err))
         # Only a failure pays for finding the bucket's other images.
         for index in self._replacements(image, epoch, position):
             try:
                 return self._sample(index, epoch, position, step), problems
             except ImageProblem as err:
-                problems.append((self.catalog.paths[index], err.reason))
-        tried = ", ".join(f"{p} ({r})" for p, r in problems)
-        raise DatasetError(
-            f"no image of this bucket could be decoded for sample {position} of epoch {epoch}; "
-            f"tried: {tried}. Check these files (stoker scan lists bad files)."
+                problems.append(self._decode_problem(index, err))
+        # Nothing in the bucket decodes: the slot is dropped, the epoch goes on.
+        problems[0] = dataclasses.replace(problems[0], action="skipped")
+        return None, problems
+
+    def _decode_problem(self, index: int, err: ImageProblem) -> Problem:
+        path = self.catalog.paths[index]
+        if self.on_error == "raise":
+            raise DatasetError(
+                f"{path}: {err.reason} (found while making a batch; on_error='raise'). Fix or "
+                "remove the file, or load with on_error='warn' to replace and report it."
+            )
+        return Problem(
+            path=path,
+            reason=err.reason,
+            kind="size_changed" if err.size_changed else "decode_failed",
+            subset=int(self.catalog.subset[index]),
+            stage="decode",
+            action="replaced",
         )
 
     def _replacements(self, image: int, epoch: int, position: int) -> list[int]:
@@ -234,19 +376,22 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         interpolation = subset.resize_interpolation or dataset.resize_interpolation
         flip = bool(subset.flip_aug and rng.random() < 0.5)
         face = parse_face_info(Path(path).stem) if subset.face_crop_aug_range else None
-        if face is not None and not dataset.enable_bucket:
-            pixels = self._face_sample(path, subset, face, bucket, rng, interpolation, flip)
+        pixels: np.ndarray | None = None
+        if self.latents is not None:
+            # The cache holds both views; noise is keyed like every other draw (stoker.cache).
+            noise_seed = int(keyed_rng(self.seed, epoch, position, Stream.LATENT).integers(2**63))
+            latent = self.latents.sample(index, flip, noise_seed)
+            crop = conditioning_crop_top_left(original_wh, bucket, flipped=flip)
+        elif face is not None and not dataset.enable_bucket:
+            pixels = self._face_sample(index, subset, face, bucket, rng, interpolation, flip)
             crop = (0, 0)
         else:
-            img = open_image(
-                path, alpha=subset.alpha_mask, draft_size=resized if self.fast_decode else None
-            )
-            pixels = _fit(img, subset, resized, bucket, rng, interpolation, flip)
+            pixels = self._decode_fit(index, resized, bucket, rng, flip)
             crop = conditioning_crop_top_left(original_wh, bucket, flipped=flip)
-        if subset.color_aug:
+        if subset.color_aug and pixels is not None:
             pixels[..., :3] = color_aug(np.ascontiguousarray(pixels[..., :3]), rng)
         sample: dict[str, Any] = {
-            "pixels": pixels,
+            "pixels": pixels if pixels is not None else latent,
             "caption": self._caption(index, subset_index, epoch, position, step),
             "loss_weight": dataset.prior_loss_weight if subset.is_reg else 1.0,
             "original_size_hw": (original_wh[1], original_wh[0]),
@@ -264,9 +409,39 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             )
         return sample
 
+    def _decode_fit(
+        self,
+        index: int,
+        resized: tuple[int, int],
+        bucket: tuple[int, int],
+        rng: np.random.Generator,
+        flip: bool,
+    ) -> np.ndarray:
+        """Decode the image at ``index``, resize it, crop it to its bucket and flip it."""
+        subset = self.catalog.subsets[int(self.catalog.subset[index])]
+        dataset = self.datasets[self.catalog.dataset_of_subset[int(self.catalog.subset[index])]]
+        interpolation = subset.resize_interpolation or dataset.resize_interpolation
+        img = open_image(
+            self.catalog.paths[index],
+            alpha=subset.alpha_mask,
+            draft_size=resized if self.fast_decode else None,
+            expect_size=(int(self.catalog.widths[index]), int(self.catalog.heights[index])),
+        )
+        return _fit(img, subset, resized, bucket, rng, interpolation, flip)
+
+    def view_pixels(self, index: int) -> np.ndarray:
+        """The image at ``index`` as every epoch sees it before flip: ``(H, W, C)`` uint8.
+
+        Decoded, resized and centre-cropped to its bucket exactly as a training sample is (the
+        latent cache encodes this, and its mirror image for ``flip_aug``).
+        """
+        resized = (int(self.resized_wh[index, 0]), int(self.resized_wh[index, 1]))
+        bucket = (int(self.bucket_wh[index, 0]), int(self.bucket_wh[index, 1]))
+        return self._decode_fit(index, resized, bucket, keyed_rng(0, 0, index, Stream.IMAGE), False)
+
     def _face_sample(
         self,
-        path: str,
+        index: int,
         subset: SubsetConfig,
         face: tuple[int, int, int, int],
         bucket: tuple[int, int],
@@ -275,7 +450,9 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         flip: bool,
     ) -> np.ndarray:
         assert subset.face_crop_aug_range is not None
-        img = np.asarray(open_image(path, alpha=subset.alpha_mask))
+        path = self.catalog.paths[index]
+        original_wh = (int(self.catalog.widths[index]), int(self.catalog.heights[index]))
+        img = np.asarray(open_image(path, alpha=subset.alpha_mask, expect_size=original_wh))
         out = face_crop(
             img,
             face_center_wh=(face[0], face[1]),
@@ -343,9 +520,13 @@ def _fit(
 def _collate(samples: list[dict[str, Any]], *, float_images: bool) -> dict[str, Any]:
     """Stack samples of one bucket into sd-scripts' batch dict."""
     pixels = [s["pixels"] for s in samples]
-    images = _channels_first([p[..., :3] for p in pixels])
-    batch: dict[str, Any] = {
-        "images": to_float_images(images) if float_images else images,
+    batch: dict[str, Any] = {}
+    if isinstance(pixels[0], torch.Tensor):  # latents from the cache (stoker.cache)
+        batch["latents"] = torch.stack(pixels)
+    else:
+        images = _channels_first([p[..., :3] for p in pixels])
+        batch["images"] = to_float_images(images) if float_images else images
+    batch |= {
         "captions": [s["caption"] for s in samples],
         "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
         "original_sizes_hw": torch.tensor([s["original_size_hw"] for s in samples]),
@@ -368,6 +549,22 @@ def _collate(samples: list[dict[str, Any]], *, float_images: bool) -> dict[str, 
         cond = _channels_first([s["conditioning"] for s in samples])
         batch["conditioning_images"] = to_float_images(cond) if float_images else cond
     return batch
+
+
+def _share_in_worker(batch: dict[str, Any]) -> None:
+    """In a loader worker, move the batch's tensors into shared memory now.
+
+    PyTorch otherwise does it in the worker's queue thread while pickling, where a full /dev/shm
+    only prints "unable to allocate shared memory" and drops the batch: the worker lives on and the
+    training loop waits forever. Here the error is raised in the worker's own loop, reaches the main
+    process within the batch, and the loader turns it into ``SharedMemoryFull``. The copy is the one
+    PyTorch would make anyway (a tensor already in shared memory is sent as is).
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            value.share_memory_()  # type: ignore[no-untyped-call]
 
 
 def _channels_first(pixels: list[np.ndarray]) -> torch.Tensor:
@@ -406,6 +603,9 @@ def load_dataset(
     fast_decode: bool = True,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    latent_cache: str | os.PathLike[str] | Literal[False] | None = None,
+    text_cache: str | os.PathLike[str] | Literal[False] | None = None,
+    vae: Any = None,
     **overrides: Any,
 ) -> StokerDataset:
     """Load an sd-scripts dataset as it is.
@@ -428,12 +628,22 @@ def load_dataset(
         threads: parallel header reads; default: the CPU budget.
         progress: ``progress(done, total)`` while scanning; default: a bar on stderr when it is a
             terminal and the dataset is large.
+        latent_cache: a latent cache folder (``stoker.cache_latents``): batches carry ``latents``
+            instead of ``images`` and no image is opened; every other key is unchanged. Also the
+            ``latent_cache`` key of the config (``[general]`` or ``[[datasets]]``); ``False``
+            loads images even when the config names a cache.
+        text_cache: a text-encoder cache folder (``stoker.cache_text_encoder_outputs``): batches
+            also carry the text encoders' outputs for each caption. Also a config key; ``False``
+            ignores it.
+        vae: encode stale and missing latents with this VAE (object or folder) instead of raising.
         **overrides: dataset and subset keys (sd-scripts' command-line options), below the config.
 
     Raises:
         ConfigError: the config is invalid (the message names file, table and key).
         DatasetError: a folder is missing, nothing usable is left, or ``on_error="raise"`` found
             bad files.
+        CacheError: a cache has stale or missing entries (counts, files and the command that
+            fixes it), or a setting a cache cannot serve (``random_crop``, ``color_aug``, ...).
     """
     if on_error not in ("raise", "skip", "warn"):
         raise ValueError(f"on_error={on_error!r} is not valid: use 'warn', 'skip' or 'raise'")
@@ -446,15 +656,16 @@ def load_dataset(
         resolution=resolution,
         overrides=overrides,
     )
+    _check_warmup(group, max_train_steps)
     if threads is None:
-        from stoker.budget import cpu_budget
+        from stoker.system.cpu import cpu_budget
 
         threads = cpu_budget().cpus
     catalog, problems = scan_dataset(
         group.datasets, threads=threads, progress=progress or stderr_progress("stoker: scanning")
     )
     catalog = _split(catalog, group.datasets, validation=validation, seed=seed)
-    return _build(
+    dataset = _build(
         catalog,
         group,
         problems,
@@ -465,6 +676,30 @@ def load_dataset(
         fast_decode=fast_decode,
         source=Path(source),
     )
+    latents = (
+        _cache_folder(group.datasets, "latent_cache") if latent_cache is None else latent_cache
+    )
+    text = _cache_folder(group.datasets, "text_cache") if text_cache is None else text_cache
+    if latents or text:
+        from stoker.cache import attach_caches  # the cache package sits above data
+
+        attach_caches(dataset, latent_cache=latents or None, text_cache=text or None, vae=vae)
+    return dataset
+
+
+def _cache_folder(datasets: Sequence[DatasetConfig], key: str) -> Path | None:
+    """The one cache folder the datasets' ``key`` names (set in [general] or each dataset)."""
+    folders = {getattr(d, key) for d in datasets}
+    if len(folders) > 1:
+        where = ", ".join(f"{d.where}: {getattr(d, key)}" for d in datasets)
+        raise ConfigError(
+            f"{key} must name one folder for all datasets of a run (one cache holds them all), "
+            f"got {where}; set {key} once in [general]"
+        )
+    folder = folders.pop()
+    if folder is None:
+        return None
+    return Path(folder)
 
 
 def _read_source(
@@ -491,16 +726,39 @@ def _read_source(
         source.suffix.lower() == ".json" and _is_dataset_config(source)
     ):
         return parse_dataset_config(source, **extra)
+    if source.suffix.lower() not in (".json", ".jsonl"):
+        what = "an image" if source.suffix.lower() in _IMAGE_SUFFIXES else "not a dataset source"
+        raise DatasetError(
+            f"{source} is {what}; give the train_data_dir that holds its N_name folders, a "
+            "dataset config (.toml/.json), or fine-tuning metadata (.json/.jsonl)"
+        )
     if resolution is None:
         raise DatasetError(f"{source} is fine-tuning metadata: give resolution= (e.g. 1024)")
     return config_from_metadata(source, image_dir=image_dir, **extra)
+
+
+_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+def _check_warmup(group: DatasetGroupConfig, max_train_steps: int | None) -> None:
+    """A token warm-up given as a fraction of training needs the length of training, now."""
+    if max_train_steps is not None:
+        return
+    for dataset in group.datasets:
+        for subset in dataset.subsets:
+            if 0 < subset.token_warmup_step < 1:
+                raise ConfigError(
+                    f"{subset.where}: token_warmup_step = {subset.token_warmup_step} is a fraction "
+                    "of max_train_steps, which is not known; pass load_dataset(..., "
+                    "max_train_steps=N), or give token_warmup_step as a step count (>= 1)"
+                )
 
 
 def _is_dataset_config(path: Path) -> bool:
     import json
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return True  # let the config parser report the problem with the file's name
     return isinstance(data, dict) and ("datasets" in data or "general" in data)
@@ -551,14 +809,7 @@ def _build(
     reports = []
     for d, dataset in enumerate(group.datasets):
         members = np.flatnonzero(_dataset_of(catalog) == d)
-        spec = BucketSpec(
-            resolution=dataset.resolution,
-            enable_bucket=dataset.enable_bucket,
-            min_reso=dataset.min_bucket_reso,
-            max_reso=dataset.max_bucket_reso,
-            reso_steps=dataset.bucket_reso_steps,
-            no_upscale=dataset.bucket_no_upscale,
-        )
+        spec = dataset.bucket_spec()
         sizes = np.stack([catalog.widths[members], catalog.heights[members]], axis=1)
         assignment = assign_buckets(sizes.reshape(-1, 2), spec)
         bucket_wh[members], resized_wh[members] = assignment.bucket_wh, assignment.resized_wh
@@ -566,7 +817,13 @@ def _build(
         for member, good, reason in zip(members, assignment.ok, assignment.reasons, strict=True):
             if not good:
                 problems.append(
-                    Problem(path=catalog.paths[int(member)], reason=reason, stage="bucket")
+                    Problem(
+                        path=catalog.paths[int(member)],
+                        reason=reason,
+                        kind="too_small",
+                        subset=int(catalog.subset[int(member)]),
+                        stage="bucket",
+                    )
                 )
         reports.append(bucket_report(assignment))
     _apply_policy(problems, on_error, source)
@@ -585,6 +842,7 @@ def _build(
         max_train_steps=max_train_steps,
         output=output,
         fast_decode=fast_decode,
+        on_error=on_error,
     )
 
 
@@ -605,6 +863,7 @@ def _finish(
     max_train_steps: int | None,
     output: Output,
     fast_decode: bool,
+    on_error: OnError,
 ) -> StokerDataset:
     owner = _dataset_of(catalog)
     # A batch group is one (dataset, bucket) pair: batches never mix datasets or buckets.
@@ -616,15 +875,7 @@ def _finish(
     batch_sizes = np.array([group.datasets[o].batch_size for o in group_owner], np.int64)
     repeats, notes = _repeats(catalog, owner)
     if int(repeats.sum()) == 0:
-        only_reg = all(s.is_reg for s in catalog.subsets)
-        raise DatasetError(
-            "nothing to train on: "
-            + (
-                "there are only regularisation subsets (is_reg = true); add a training subset"
-                if only_reg
-                else "every subset has num_repeats = 0; set num_repeats >= 1"
-            )
-        )
+        raise DatasetError("nothing to train on: " + _why_nothing_to_train(catalog))
     notes += [f"skipped folder {name}: {why}" for name, why in group.skipped_dirs]
     dataset = StokerDataset(
         catalog=catalog,
@@ -641,6 +892,7 @@ def _finish(
         max_train_steps=max_train_steps,
         output=output,
         fast_decode=fast_decode,
+        on_error=on_error,
     )
     batches = len(dataset.make_batch_sampler(seed=seed, shuffle=False))
     dataset.report = DatasetReport(
@@ -653,6 +905,22 @@ def _finish(
         notes=tuple(notes),
     )
     return dataset
+
+
+def _why_nothing_to_train(catalog: Catalog) -> str:
+    train = [i for i, s in enumerate(catalog.subsets) if not s.is_reg]
+    if not train:
+        return "there are only regularisation subsets (is_reg = true); add a training subset"
+    used = set(np.unique(catalog.subset).tolist())
+    if not used & set(train):
+        folders = ", ".join(
+            str(catalog.subsets[i].image_dir or catalog.subsets[i].metadata_file) for i in train
+        )
+        return (
+            f"the training subsets have no usable images ({folders}), and regularisation "
+            "images are balanced to the training samples, so they count 0 too; add images"
+        )
+    return "every training subset has num_repeats = 0; set num_repeats >= 1"
 
 
 def _repeats(catalog: Catalog, owner: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -674,7 +942,10 @@ def _repeats(catalog: Catalog, owner: np.ndarray) -> tuple[np.ndarray, list[str]
 def _subset_summaries(
     catalog: Catalog, repeats: np.ndarray, problems: list[Problem]
 ) -> tuple[SubsetSummary, ...]:
-    missing = [p.path for p in problems if p.reason.startswith("no caption file")]
+    missing = np.zeros(len(catalog.subsets), np.int64)
+    for p in problems:
+        if p.kind == "missing_caption" and p.subset is not None:
+            missing[p.subset] += 1
     summaries = []
     for s, subset in enumerate(catalog.subsets):
         members = catalog.subset == s
@@ -688,7 +959,7 @@ def _subset_summaries(
                 num_repeats=subset.num_repeats,
                 images=int(members.sum()),
                 samples_per_epoch=int(repeats[members].sum()),
-                missing_captions=sum(1 for m in missing if prefix and m.startswith(prefix)),
+                missing_captions=int(missing[s]),
             )
         )
     return tuple(summaries)
@@ -713,10 +984,9 @@ def _apply_policy(problems: Sequence[Problem], on_error: OnError, source: Path) 
             "Fix or remove these files, or load with on_error='warn' to skip them."
         )
     if on_error == "warn":
-        warnings.warn(
+        warn(
             f"stoker skipped {len(skipped)} files and worked around {len(problems) - len(skipped)} "
             f"caption problems in {source}{_problem_summary(problems, 3)}; "
             "the full list is in dataset.report.problems (or run: stoker scan)",
-            StokerWarning,
-            stacklevel=4,
+            once=False,
         )

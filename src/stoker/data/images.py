@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from stoker.data.inputs import UnusableFile, open_regular, os_reason
+
 __all__ = [
     "INTERPOLATIONS",
     "ImageProblem",
@@ -82,6 +84,20 @@ _EXIF_ORIENTATION_TAG = 0x0112
 # Leading bytes of formats we read; a file that starts with one but cannot be identified is cut short.
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF")
 
+# The Pillow formats each image extension promises. Pillow would otherwise try every format it has
+# (EPS runs Ghostscript, PSD, DDS, ...) on a file of any name; a file is opened only as its name says.
+_FORMATS_BY_EXTENSION: dict[str, tuple[str, ...]] = {
+    ".png": ("PNG",),
+    ".jpg": ("JPEG",),  # Pillow's JPEG opener also returns camera MPO files
+    ".jpeg": ("JPEG",),
+    ".webp": ("WEBP",),
+    ".bmp": ("BMP",),
+    ".avif": ("AVIF",),
+    ".jxl": ("JXL",),
+}
+# Formats named in a "this is really X" reason when a file does not match its extension.
+_SAFE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
@@ -93,11 +109,19 @@ class ImageProblem(Exception):
     Attributes:
         reason: Short plain text such as ``"zero-byte file"`` or ``"truncated image data"``.
         path: The file, when known.
+        size_changed: The file is readable but not the size the caller expected.
     """
 
-    def __init__(self, reason: str, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        size_changed: bool = False,
+    ) -> None:
         self.reason = reason
         self.path = None if path is None else os.fspath(path)
+        self.size_changed = size_changed
         super().__init__(reason if self.path is None else f"{self.path}: {reason}")
 
 
@@ -122,13 +146,16 @@ def read_image_size(path: str | os.PathLike[str], *, exif: bool = True) -> tuple
         ImageProblem: The file cannot be used; ``reason`` says why.
     """
     with _open_file(path) as fp:
-        im = _open_pillow(fp, path)
-        width, height = im.size
-        if width <= 0 or height <= 0:
-            raise ImageProblem(f"empty image ({width}x{height} pixels)", path)
-        if exif and _orientation(im) >= 5:
-            return height, width
-        return width, height
+        return _upright_size(_open_pillow(fp, path), path, exif=exif)
+
+
+def _upright_size(im: Image.Image, path: str | os.PathLike[str], *, exif: bool) -> tuple[int, int]:
+    width, height = im.size
+    if width <= 0 or height <= 0:
+        raise ImageProblem(f"empty image ({width}x{height} pixels)", path)
+    if exif and _orientation(im) >= 5:
+        return height, width
+    return width, height
 
 
 def open_image(
@@ -137,6 +164,7 @@ def open_image(
     alpha: bool = False,
     draft_size: tuple[int, int] | None = None,
     exif: bool = True,
+    expect_size: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Decode a file into a loaded Pillow image in mode ``"RGB"`` or, with ``alpha``, ``"RGBA"``.
 
@@ -156,13 +184,20 @@ def open_image(
             `decode_image` took 22 ms instead of 106 ms, and decode plus resize 45 ms instead of
             213 ms (86 ms when the full decode stays a Pillow image).
         exif: Apply the EXIF orientation (``ImageOps.exif_transpose`` semantics).
+        expect_size: The upright ``(width, height)`` the caller planned for (the catalog's, from
+            the scan or from metadata ``image_size``). A file of another size raises before its
+            pixels are decoded, so a file changed after the scan is never squashed into the old
+            bucket.
 
     Raises:
-        ImageProblem: The file cannot be decoded; ``reason`` says why.
+        ImageProblem: The file cannot be decoded, or its size is not ``expect_size``; ``reason``
+            says why.
     """
     # No with-statement on the image: on Pillow 10 leaving one closes the image we return.
     with _open_file(path) as fp:
         im = _open_pillow(fp, path)
+        if expect_size is not None:
+            _check_size(_upright_size(im, path, exif=exif), expect_size, path)
         orientation = _orientation(im) if exif else 1
         if draft_size is not None and im.format == "JPEG":
             want = draft_size if orientation < 5 else (draft_size[1], draft_size[0])
@@ -195,31 +230,57 @@ def decode_image(
     return np.array(open_image(path, alpha=alpha, draft_size=draft_size, exif=exif))
 
 
+def _check_size(
+    found: tuple[int, int], expected: tuple[int, int], path: str | os.PathLike[str]
+) -> None:
+    if tuple(found) != tuple(expected):
+        raise ImageProblem(
+            f"size changed: the file is {found[0]}x{found[1]}, but the scan or metadata said "
+            f"{expected[0]}x{expected[1]} (rescan, or fix image_size in the metadata)",
+            path,
+            size_changed=True,
+        )
+
+
 def _open_file(path: str | os.PathLike[str]) -> IO[bytes]:
-    """Open ``path`` for reading, turning OS errors and empty files into `ImageProblem`."""
+    """Open a regular file for reading, turning OS errors and empty files into `ImageProblem`."""
     try:
-        fp = open(path, "rb")  # noqa: SIM115 - closed by the caller's with-statement
-    except FileNotFoundError:
-        raise ImageProblem("unreadable: file not found", path) from None
-    except PermissionError:
-        raise ImageProblem("unreadable: permission denied", path) from None
-    except IsADirectoryError:
-        raise ImageProblem("unreadable: is a directory", path) from None
+        fp = open_regular(path)
+    except UnusableFile as exc:
+        raise ImageProblem(f"unreadable: {exc.reason}", path) from None
     except OSError as exc:
-        raise ImageProblem(f"unreadable: {exc.strerror or exc}", path) from None
+        raise ImageProblem(f"unreadable: {os_reason(exc)}", path) from None
     if os.fstat(fp.fileno()).st_size == 0:
         fp.close()
         raise ImageProblem("zero-byte file", path)
     return fp
 
 
+def _promised_formats(path: str | os.PathLike[str]) -> tuple[str, ...] | None:
+    """The formats the file's extension promises, or None (any) for an extension stoker does not scan."""
+    return _FORMATS_BY_EXTENSION.get(os.path.splitext(os.fspath(path))[1].lower())
+
+
 def _open_pillow(fp: IO[bytes], path: str | os.PathLike[str]) -> Image.Image:
-    """Parse the header with ``Image.open``, turning its failures into `ImageProblem`."""
+    """Parse the header with ``Image.open`` as the formats the extension promises.
+
+    Failures become `ImageProblem`; a file whose data is another format says which, so it can be
+    renamed.
+    """
+    formats = _promised_formats(path)
     try:
-        return Image.open(fp)
+        return Image.open(fp, formats=list(formats) if formats is not None else None)
     except UnidentifiedImageError:
         fp.seek(0)
         head = fp.read(16)
+        if formats is not None:
+            actual = _actual_format(fp)
+            if actual is not None and actual not in formats:
+                raise ImageProblem(
+                    f"{actual} data in a file named {os.path.splitext(os.fspath(path))[1]}; "
+                    f"stoker opens a file only as the format its name promises (rename it)",
+                    path,
+                ) from None
         if head.startswith(_MAGIC):
             raise ImageProblem("truncated or corrupt image header", path) from None
         raise ImageProblem("not an image (cannot identify format)", path) from None
@@ -227,6 +288,16 @@ def _open_pillow(fp: IO[bytes], path: str | os.PathLike[str]) -> Image.Image:
         raise ImageProblem(_bomb_reason(str(exc)), path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageProblem(_decode_reason(exc, "header"), path) from None
+
+
+def _actual_format(fp: IO[bytes]) -> str | None:
+    """Which common raster format the data is, checked against that list only (nothing is run)."""
+    fp.seek(0)
+    try:
+        with Image.open(fp, formats=list(_SAFE_FORMATS)) as probe:
+            return probe.format
+    except Exception:  # noqa: BLE001 - only naming the format for a message; unknown is fine
+        return None
 
 
 def _load(im: Image.Image, path: str | os.PathLike[str]) -> None:

@@ -65,6 +65,7 @@ from torch.utils.data import Sampler
 from stoker.rng import Stream, keyed_rng
 
 __all__ = [
+    "AllRanksBatchSampler",
     "BATCH_ORDER_POSITION",
     "BucketBatchSampler",
     "SampleBatch",
@@ -172,10 +173,13 @@ class _EpochPlan:
         lengths: Per batch of this rank, its number of samples.
         positions: Per batch of this rank, the global position of its first sample.
         padded: Per batch of this rank, whether it is a repeat added by ``even_batches="pad"``.
+        slots_per_step: 1 for one rank's plan; ``world_size`` for every rank's (slot ``s`` is
+            then step ``s // world_size`` of its rank).
     """
 
     epoch: int
     steps_before: int
+    slots_per_step: int = 1
     samples: np.ndarray
     starts: np.ndarray
     lengths: np.ndarray
@@ -193,7 +197,7 @@ class _EpochPlan:
             repeat(self.epoch, size),
             range(first, first + size),
             images,
-            repeat(self.steps_before + k, size),
+            repeat(self.steps_before + k // self.slots_per_step, size),
             strict=True,
         )
         return SampleBatch(keys, padded=bool(self.padded[k]))
@@ -231,8 +235,12 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         rank: int = 0,
         world_size: int = 1,
         even_batches: Literal["pad", "drop"] = "pad",
+        dataset_id: str = "",
     ) -> None:
         self._groups, self._repeats, self._batch_sizes = _check_arrays(groups, repeats, batch_sizes)
+        # What the arrays were built from (a digest of image paths and sizes): a state saved over
+        # another dataset with the same layout must not resume here.
+        self.dataset_id = str(dataset_id)
         _check_ranks(rank, world_size, even_batches)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
@@ -285,18 +293,33 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         the first iterator away unused (``_MultiProcessingDataLoaderIter.__init__`` then
         ``_reset(first_iter=True)``), which would otherwise skip an epoch.
         """
+        return self._iterate(all_ranks=False)
+
+    def iter_all_ranks(self) -> Iterator[SampleBatch]:
+        """Every rank's batches of the next epoch, in the order the ranks take them.
+
+        Slot ``s`` of the stream is batch ``s // world_size`` of rank ``s % world_size``, so a
+        wrapper that deals batch ``s`` to rank ``s % world_size`` (accelerate's
+        ``BatchSamplerShard``) hands each rank exactly what ``__iter__`` would. It claims and
+        advances the epoch as ``__iter__`` does, and counts this rank's batches as drawn.
+        """
+        return self._iterate(all_ranks=True)
+
+    def _iterate(self, *, all_ranks: bool) -> Iterator[SampleBatch]:
         epoch, start = self._next_epoch, self._next_start
         self._next_epoch, self._next_start = epoch + 1, 0
         self._current, self._yielded, self._consumed = epoch, start, start
         self._start = start
         self._iteration += 1
         iteration = self._iteration
-        plan = self._plan(epoch)
-        for k in range(start, len(plan)):
-            batch = plan.batch(k)
+        plan = self._plan(epoch, all_ranks=all_ranks)
+        width = self.world_size if all_ranks else 1
+        for slot in range(start * width, len(plan)):
+            batch = plan.batch(slot)
             # A stale iterator from an earlier epoch must not move the count of the current one.
             if iteration == self._iteration:
-                self._yielded = k + 1
+                # This rank's batches among slots 0..slot: those with slot % width == rank.
+                self._yielded = (slot - self.rank) // width + 1 if all_ranks else slot + 1
             yield batch
 
     def batch_of_iteration(self, index: int) -> SampleBatch | None:
@@ -346,8 +369,9 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
 
         Returns:
             ``version``, ``seed``, ``epoch``, ``batches_done``, ``world_size``, ``rank``,
-            ``shuffle``, ``even_batches`` and ``fingerprint`` (a digest of the three arrays). A
-            finished epoch is reported as the start of the next one.
+            ``shuffle``, ``even_batches``, ``fingerprint`` (a digest of the three arrays) and, when
+            the sampler was given one, ``dataset`` (the dataset's ``dataset_id``). A finished epoch
+            is reported as the start of the next one.
         """
         epoch, done = self._next_epoch, self._next_start
         if self._current is not None:
@@ -368,6 +392,7 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
             "shuffle": self.shuffle,
             "even_batches": self.even_batches,
             "fingerprint": self._fingerprint(),
+            **({"dataset": self.dataset_id} if self.dataset_id else {}),
         }
 
     def _current_done(self, consumed_batches: int | None) -> int:
@@ -391,10 +416,11 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
                 seed, shuffle, world size or padding policy, where "the remaining batches" would
                 mean something else.
         """
+        if not isinstance(state, dict):
+            raise ValueError(f"sampler state must be a dict from state_dict(), got {type(state)}")
         _check_state_matches(state, self._identity())
-        epoch, done = int(state["epoch"]), int(state["batches_done"])
-        if epoch < 0 or done < 0:
-            raise ValueError(f"state has a negative epoch or batch count: {epoch}, {done}")
+        epoch = _state_int(state, "epoch", _MAX_EPOCH)
+        done = _state_int(state, "batches_done", self._per_rank)
         if done >= self._per_rank:
             epoch, done = epoch + 1, 0
         self._next_epoch, self._next_start = epoch, done
@@ -407,6 +433,7 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
             "shuffle": self.shuffle,
             "even_batches": self.even_batches,
             "fingerprint": self._fingerprint(),
+            **({"dataset": self.dataset_id} if self.dataset_id else {}),
         }
 
     def _fingerprint(self) -> str:
@@ -435,8 +462,11 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         samples, starts, lengths = self._caches["layout"]
         return samples, starts, lengths
 
-    def _plan(self, epoch: int) -> _EpochPlan:
-        """Lay out ``epoch``: shuffle within groups, cut batches, shuffle them, take this rank's."""
+    def _plan(self, epoch: int, *, all_ranks: bool = False) -> _EpochPlan:
+        """Lay out ``epoch``: shuffle within groups, cut batches, shuffle them, take this rank's.
+
+        With ``all_ranks`` every rank's slots are kept, in slot order (see ``iter_all_ranks``).
+        """
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         samples, starts, lengths = self._layout()
@@ -446,17 +476,46 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
             perm = order.permutation(starts.size)
             starts, lengths = starts[perm], lengths[perm]
         positions = np.cumsum(lengths) - lengths
-        slots = np.arange(self.rank, self._per_rank * self.world_size, self.world_size)
+        width = self.world_size
+        slots = np.arange(
+            0 if all_ranks else self.rank, self._per_rank * width, 1 if all_ranks else width
+        )
         mine = slots % max(starts.size, 1)
         return _EpochPlan(
             epoch=epoch,
             steps_before=epoch * self._per_rank,
+            slots_per_step=width if all_ranks else 1,
             samples=samples,
             starts=starts[mine],
             lengths=lengths[mine],
             positions=positions[mine],
             padded=slots >= starts.size,
         )
+
+
+class AllRanksBatchSampler(Sampler[SampleBatch]):
+    """Every rank's batches, as a distributed wrapper expects an unsharded batch sampler to be.
+
+    ``make_loader`` gives this as the DataLoader's ``batch_sampler`` and iterates
+    ``rank_sampler`` itself. A wrapper that shards ``loader.batch_sampler`` again by dealing batch
+    ``s`` to rank ``s % world_size`` (``accelerator.prepare``) then gets each rank exactly the
+    batches stoker would give it, instead of a second cut that loses half the data. There is no
+    ``batch_size`` attribute on purpose: accelerate then treats batches as variable in size and
+    keeps partial bucket batches whole.
+
+    Attributes:
+        rank_sampler: This rank's ``BucketBatchSampler``.
+    """
+
+    def __init__(self, rank_sampler: BucketBatchSampler) -> None:
+        self.rank_sampler = rank_sampler
+
+    def __iter__(self) -> Iterator[SampleBatch]:
+        return self.rank_sampler.iter_all_ranks()
+
+    def __len__(self) -> int:
+        """All ranks' batches per epoch: a whole number of rounds, so a wrapper pads nothing."""
+        return len(self.rank_sampler) * self.rank_sampler.world_size
 
 
 def _as_int_array(name: str, values: np.ndarray) -> np.ndarray:
@@ -508,6 +567,22 @@ def _check_ranks(rank: int, world_size: int, even_batches: str) -> None:
         )
     if even_batches not in ("pad", "drop"):
         raise ValueError(f"even_batches must be 'pad' or 'drop', got {even_batches!r}")
+
+
+_MAX_EPOCH = 2**31 - 1  # no run trains for more; larger numbers are corrupt states
+
+
+def _state_int(state: dict[str, Any], key: str, most: int) -> int:
+    """A whole-number field of a state, checked for type and range (never coerced)."""
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(
+            f"sampler state field {key} must be a whole number, got {value!r}; pass a "
+            "state_dict() result unchanged"
+        )
+    if not 0 <= value <= most:
+        raise ValueError(f"sampler state field {key} = {value} is outside 0..{most}")
+    return value
 
 
 def _check_state_matches(state: dict[str, Any], identity: dict[str, Any]) -> None:

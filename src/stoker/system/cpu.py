@@ -31,6 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stoker.errors import ConfigError
+from stoker.system.procfs import (
+    cgroup_ancestors,
+    cgroup_membership,
+    cgroup_mounts,
+    read_text,
+    shown,
+)
 
 __all__ = ["Budget", "Limit", "cpu_budget"]
 
@@ -88,7 +95,7 @@ class Budget:
             cpus=float(cpus),
             raw=str(cpus),
             where="argument",
-            detail=f"{cpus} CPUs given by the caller",
+            detail=f"{cpus} CPU{'' if cpus == 1 else 's'} given by the caller",
         )
         return cls(
             cpus=cpus,
@@ -133,7 +140,7 @@ def cpu_budget(
                 cpus=float(len(affinity)),
                 raw=_cpu_list(affinity),
                 where="sched_getaffinity",
-                detail=f"{len(affinity)} CPUs allowed",
+                detail=f"{len(affinity)} CPU{'' if len(affinity) == 1 else 's'} allowed",
             )
         )
     limits += _cgroup_limits(base)
@@ -205,7 +212,7 @@ def _os_limit(count: int | None) -> Limit:
         cpus=float(count),
         raw=str(count),
         where="os.cpu_count()",
-        detail=f"{count} CPUs reported by the OS",
+        detail=f"{count} CPU{'' if count == 1 else 's'} reported by the OS",
     )
 
 
@@ -311,92 +318,26 @@ def parse_cfs_quota(quota_text: str, period_text: str) -> float | None:
     return quota_us / period_us
 
 
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except OSError:
-        return None
-
-
-def _cgroup_membership(base: Path) -> tuple[str | None, dict[str, str]]:
-    """From ``/proc/self/cgroup``: the v2 path and the v1 path per controller."""
-    text = _read_text(base / "proc/self/cgroup") or ""
-    v2_path: str | None = None
-    v1_paths: dict[str, str] = {}
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        hierarchy, controllers, path = parts
-        if hierarchy == "0" and controllers == "":
-            v2_path = path
-        for controller in controllers.split(","):
-            if controller:
-                v1_paths[controller] = path
-    return v2_path, v1_paths
-
-
-def _cgroup_mounts(base: Path) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
-    """From ``/proc/self/mountinfo``: (mount root, mount point) of cgroup2 and of v1 ``cpu``."""
-    text = _read_text(base / "proc/self/mountinfo") or ""
-    v2 = v1 = None
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if not sep or len(fields) < 5 or len(tail) < 1:
-            continue
-        mount = (fields[3], fields[4])
-        if tail[0] == "cgroup2" and v2 is None:
-            v2 = mount
-        elif tail[0] == "cgroup" and len(tail) >= 3 and "cpu" in tail[2].split(",") and v1 is None:
-            v1 = mount
-    return v2, v1
-
-
-def _ancestors(group_path: str, mount: tuple[str, str], base: Path) -> list[Path]:
-    """The cgroup folders from the process's own group up to the mount root, deepest first."""
-    mount_root, mount_point = mount
-    rel = group_path
-    if mount_root not in ("/", "") and rel.startswith(mount_root):
-        rel = rel[len(mount_root) :]
-    parts = [p for p in rel.split("/") if p and p != ".."]
-    top = base / mount_point.lstrip("/")
-    return [top.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
-
-
 def _cgroup_limits(base: Path) -> list[Limit]:
-    v2_path, v1_paths = _cgroup_membership(base)
-    v2_mount, v1_mount = _cgroup_mounts(base)
-    if (
-        v2_path is not None
-        and v2_mount is None
-        and (base / "sys/fs/cgroup/cgroup.controllers").exists()
-    ):
-        v2_mount = ("/", "/sys/fs/cgroup")
+    v2_path, v1_paths = cgroup_membership(base)
+    v2_mount, v1_mounts = cgroup_mounts(base)
     limits: list[Limit] = []
     if v2_path is not None and v2_mount is not None:
-        limits += _v2_limits(_ancestors(v2_path, v2_mount, base), base)
-    cpu_path = v1_paths.get("cpu")
+        limits += _v2_limits(cgroup_ancestors(v2_path, v2_mount, base), base)
+    cpu_path, v1_mount = v1_paths.get("cpu"), v1_mounts.get("cpu")
     if cpu_path is not None and v1_mount is not None:
-        limits += _v1_limits(_ancestors(cpu_path, v1_mount, base), base)
+        limits += _v1_limits(cgroup_ancestors(cpu_path, v1_mount, base), base)
     return limits
-
-
-def _shown(path: Path, base: Path) -> str:
-    try:
-        return "/" + str(path.relative_to(base))
-    except ValueError:
-        return str(path)
 
 
 def _v2_limits(folders: list[Path], base: Path) -> list[Limit]:
     limits = []
     for folder in folders:
         path = folder / "cpu.max"
-        text = _read_text(path)
+        text = read_text(path)
         if text is None:
             continue
-        where = _shown(path, base)
+        where = shown(path, base)
         try:
             cpus = parse_cpu_max(text)
         except ValueError as err:
@@ -421,10 +362,10 @@ def _v1_limits(folders: list[Path], base: Path) -> list[Limit]:
     limits = []
     for folder in folders:
         quota_path, period_path = folder / "cpu.cfs_quota_us", folder / "cpu.cfs_period_us"
-        quota, period = _read_text(quota_path), _read_text(period_path)
+        quota, period = read_text(quota_path), read_text(period_path)
         if quota is None:
             continue
-        where = _shown(quota_path, base)
+        where = shown(quota_path, base)
         raw = f"{quota.strip()} / {(period or '').strip()}"
         try:
             cpus = parse_cfs_quota(quota, period if period is not None else "100000")

@@ -1,0 +1,116 @@
+"""The canary for torch's private DataLoader internals (``stoker.torch_internals``).
+
+If a torch upgrade removes or retypes one of them, these tests fail by name. The fence itself then
+degrades to plain DataLoader behaviour with one warning, which the last tests check.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from stoker import StokerWarning, torch_internals
+
+
+class Squares(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> int:
+        return i * i
+
+
+@pytest.mark.slow
+def test_a_live_multiprocess_iterator_has_every_member_stoker_uses():
+    loader = DataLoader(Squares(), batch_size=2, num_workers=1, multiprocessing_context="fork")
+    inner = iter(loader)
+    try:
+        next(inner)
+        assert torch_internals.missing_internals(inner) == []
+        workers = torch_internals.worker_processes(inner)
+        assert len(workers) == 1 and isinstance(workers[0].pid, int)
+        tasks = torch_internals.outstanding_tasks(inner)
+        assert isinstance(tasks, dict)
+        assert all(isinstance(k, int) and isinstance(v, tuple) for k, v in tasks.items())
+        assert isinstance(inner._worker_pids_set, bool)
+        assert iter(inner._sampler_iter) is inner._sampler_iter  # an iterator torch draws from
+        assert torch_internals.stop_asking(inner)
+        assert len(list(inner)) <= 2  # only the batches already asked for arrive
+        torch_internals.unwatch_worker_exits(inner)
+        assert inner._worker_pids_set is False
+    finally:
+        torch_internals.shutdown_workers(inner)
+    assert not workers[0].is_alive()
+
+
+@pytest.mark.slow
+def test_persistent_workers_live_in_the_loaders_iterator_field():
+    loader = DataLoader(
+        Squares(),
+        batch_size=4,
+        num_workers=1,
+        persistent_workers=True,
+        multiprocessing_context="fork",
+    )
+    assert sum(len(b) for b in loader) == 8
+    inner = torch_internals.persistent_iterator(loader)
+    assert inner is not None and torch_internals.worker_processes(inner)
+    torch_internals.shutdown_workers(inner)
+
+
+def test_the_torch_in_use_is_one_stoker_was_tested_against():
+    assert torch.__version__.startswith(torch_internals.TESTED_TORCH), (
+        f"torch {torch.__version__} is not in TESTED_TORCH {torch_internals.TESTED_TORCH}: run "
+        "this file, and if the canaries above pass, add the version (README: tested torch)"
+    )
+
+
+def test_a_missing_member_degrades_with_one_warning(monkeypatch):
+    from torch.utils.data import dataloader
+
+    class Changed(dataloader._MultiProcessingDataLoaderIter):  # type: ignore[misc]
+        def __init__(self) -> None:  # a torch whose iterator lost its private fields
+            pass
+
+        def __del__(self) -> None:  # torch's own __del__ needs the fields this one lacks
+            pass
+
+    inner = Changed()
+    with pytest.warns(StokerWarning, match="no DataLoader internal '_workers'") as caught:
+        assert torch_internals.worker_processes(inner) == []
+        assert torch_internals.worker_processes(inner) == []
+    assert len([w for w in caught if "_workers" in str(w.message)]) == 1
+    with pytest.warns(StokerWarning, match="_sampler_iter"):
+        assert torch_internals.stop_asking(inner) is False
+    with pytest.warns(StokerWarning, match="_task_info"):
+        assert torch_internals.outstanding_tasks(inner) == {}
+
+
+def test_anything_but_torchs_iterator_is_left_alone():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for thing in (iter([1, 2]), object(), None):
+            assert torch_internals.worker_processes(thing) == []
+            assert torch_internals.stop_asking(thing) is False
+            torch_internals.shutdown_workers(thing)
+            torch_internals.unwatch_worker_exits(thing)
+
+
+def test_dataloader_draws_from_index_sampler_which_a_subclass_can_override():
+    # StokerLoader relies on this: batch_sampler shows every rank's batches, _index_sampler is
+    # what the loader iterates and counts (see stoker.loader.build).
+    from torch.utils.data import DataLoader
+
+    assert isinstance(DataLoader.__dict__["_index_sampler"], property)
+
+    class Evens(DataLoader):
+        @property
+        def _index_sampler(self):
+            return [[0], [2]]
+
+    loader = Evens(list(range(4)), batch_sampler=[[0], [1], [2], [3]])
+    assert len(loader) == 2
+    assert [int(b[0]) for b in loader] == [0, 2]
