@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stoker.autotune._torch import set_worker_settings, stop_asking
 from stoker.autotune.live import LiveTuner
 from stoker.autotune.rules import Decision, Switch, Window
 from stoker.monitor import batch_samples
 from stoker.plan import Adjustment, LoaderPlan, LoaderRequest, Measurement
+from stoker.torch_internals import set_worker_settings, stop_asking
 
 __all__ = ["LiveTuning", "live_plan", "measurements_of"]
 
