@@ -7,41 +7,21 @@ with ``--json`` as one JSON object. Exit codes: 0 OK, 1 problems found, 2 usage 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import re
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import stoker
+from stoker.cli_common import SOURCE_FLAGS, jsonable, load_from_args, print_json
 from stoker.errors import StokerError
 
 _DESCRIPTION = """\
 stoker keeps the GPU fed: DataLoader settings sized to the real CPU budget of this process
 (affinity, cgroup quotas, SLURM, ranks per node), explained, and never invalid."""
-
-
-def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(_jsonable(obj), indent=2))
 
 
 # --- doctor --------------------------------------------------------------------------------------
@@ -146,7 +126,7 @@ def _run_doctor(args: argparse.Namespace) -> int:
     budget = stoker.cpu_budget()
     plan = _plan_from_args(args, budget)
     if args.json:
-        _print_json(
+        print_json(
             {
                 "cpus": budget.cpus,
                 "node_cpus": budget.node_cpus,
@@ -308,61 +288,6 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# The dataset keys the flags above set, and their flags: errors from the CLI name the flag.
-_SOURCE_FLAGS = {
-    "caption_extension": "--caption-extension",
-    "enable_bucket": "--enable-bucket",
-    "batch_size": "--batch-size",
-    "min_bucket_reso": "--min-bucket-reso",
-    "max_bucket_reso": "--max-bucket-reso",
-    "bucket_reso_steps": "--bucket-reso-steps",
-    "bucket_no_upscale": "--bucket-no-upscale",
-}
-
-
-def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    settings = {key: getattr(args, key) for key in _SOURCE_FLAGS}
-    for item in args.settings:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(
-                f"--set {item!r} is not valid: use KEY=VALUE, e.g. --set keep_tokens=1"
-            )
-        settings[key] = _toml_value(text.strip())
-    return {key: value for key, value in settings.items() if value is not None}
-
-
-def _toml_value(text: str) -> Any:
-    """``true`` -> True, ``1`` -> 1, ``[2.0, 4.0]`` -> [2.0, 4.0]; anything else is a string."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - the tomli backport, as the config parser uses
-        import tomli as tomllib
-    try:
-        return tomllib.loads(f"value = {text}")["value"]
-    except tomllib.TOMLDecodeError:
-        return text.strip("'\"")
-
-
-def _load_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
-    """``load_dataset`` with the command line's source options; its warnings are kept in
-    ``args.load_warnings`` so that each is said once, where the command renders its result."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", stoker.StokerWarning)
-        dataset = stoker.load_dataset(
-            args.source,
-            resolution=args.resolution,
-            reg_data_dir=args.reg_data_dir,
-            image_dir=args.image_dir,
-            **_settings_from_args(args),
-            **kwargs,
-        )
-    told = list(dict.fromkeys(str(w.message) for w in caught))
-    args.load_warnings = told
-    return dataset
-
-
 def _say_load_warnings(args: argparse.Namespace, shown: Sequence[str] = ()) -> None:
     """Print each load warning once to stderr, unless the rendered report already says it."""
     for message in getattr(args, "load_warnings", []):
@@ -387,7 +312,7 @@ def _cli_words(message: str) -> str:
         message = message.replace(f"give {keyword}", f"give {flag}")
     if message.startswith("overrides: "):
         message = "command line: " + message.removeprefix("overrides: ")
-        for key, flag in _SOURCE_FLAGS.items():
+        for key, flag in SOURCE_FLAGS.items():
             message = re.sub(rf"\b{key}\b", flag, message)
     return message
 
@@ -396,7 +321,7 @@ def _run_scan(args: argparse.Namespace) -> int:
     from stoker.cli_cache import render_cache_state
     from stoker.data.scan_checks import check_dataset
 
-    dataset = _load_from_args(args, on_error="skip", latent_cache=False, text_cache=False)
+    dataset = load_from_args(args, on_error="skip", latent_cache=False, text_cache=False)
     report = dataset.report
     findings = check_dataset(dataset)
     failed = bool(report.problems) or any(f.serious for f in findings)
@@ -404,14 +329,14 @@ def _run_scan(args: argparse.Namespace) -> int:
     text = args.text_cache or dataset.datasets[0].text_cache
     if args.json:
         caches = stoker.check_caches(dataset, latent_cache=latent, text_cache=text)
-        _print_json({**_jsonable(report), "findings": findings, "caches": caches})
+        print_json({**jsonable(report), "findings": findings, "caches": caches})
         return 1 if failed else 0
     _say_load_warnings(args, report.notes)
     lines = report.lines() + render_cache_state(dataset, latent, text)
     for finding in findings:
         fix = ""
-        if finding.key in _SOURCE_FLAGS:
-            fix = f"; use {_SOURCE_FLAGS[finding.key]} {finding.value} or set it in the config"
+        if finding.key in SOURCE_FLAGS:
+            fix = f"; use {SOURCE_FLAGS[finding.key]} {finding.value} or set it in the config"
         lines.append(f"{'Problem' if finding.serious else 'Warning'}: {finding.message}{fix}")
     if not failed:
         lines.append("No problems found.")
@@ -452,7 +377,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--repeats {args.repeats} is not valid: use a whole number >= 1")
     # Enough batches that batches queued ahead cannot inflate the rate (bench.steady_batches_needed).
     batches = args.batches or max(steady_batches_needed(w) for w in workers)
-    dataset = _load_from_args(args, on_error="skip", output=args.output)
+    dataset = load_from_args(args, on_error="skip", output=args.output)
     _say_load_warnings(args)
     report = bench_loader(
         dataset,
@@ -466,7 +391,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     )
     planned = stoker.plan_loader(budget=budget, warn=False).num_workers
     if args.json:
-        _print_json(report)
+        print_json(report)
     else:
         print("\n".join(_render_bench(report, planned)))
     if plot is not None:
@@ -543,7 +468,7 @@ def _plural(count: int, noun: str, plural: str | None = None) -> str:
 
 
 def _run_tune(args: argparse.Namespace) -> int:
-    dataset = _load_from_args(args)
+    dataset = load_from_args(args)
     _say_load_warnings(args)
     result = stoker.tune_loader(
         dataset,
@@ -553,7 +478,7 @@ def _run_tune(args: argparse.Namespace) -> int:
         cache=not args.no_cache,
     )
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         print("\n".join(_render_tune(result, args.source)))
     return 1 if result.failure else 0

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 import stoker
+from stoker.cli_common import load_from_args, print_json
 
 
 def add_cache_parser(sub: Any, add_source_options: Any) -> None:
@@ -44,7 +45,13 @@ def add_cache_parser(sub: Any, add_source_options: Any) -> None:
         "--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="storage dtype"
     )
     cache.add_argument("--device", default=None, help="where the encoders run (cpu, cuda, ...)")
-    cache.add_argument("--batch-size", type=int, default=None, help="images per VAE call")
+    cache.add_argument(
+        "--encode-batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images per VAE call (default: as many as fit; --batch-size is the dataset's)",
+    )
     cache.add_argument("--json", action="store_true", help="print the reports as JSON")
     cache.set_defaults(run=run_cache)
 
@@ -72,9 +79,7 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from stoker.cli import _load_from_args, _print_json
-
-    dataset = _load_from_args(args, latent_cache=False, text_cache=False)
+    dataset = load_from_args(args, latent_cache=False, text_cache=False)
     latent_dir, text_dir = _folders(args, dataset)
     reports = [
         stoker.cache_latents(
@@ -83,7 +88,7 @@ def _build(args: argparse.Namespace) -> int:
             cache_dir=latent_dir,
             dtype=args.dtype,
             device=args.device,
-            batch_size=args.batch_size,
+            batch_size=args.encode_batch_size,
         )
     ]
     if args.text_encoder:
@@ -98,7 +103,7 @@ def _build(args: argparse.Namespace) -> int:
             )
         )
     if args.json:
-        _print_json(reports)
+        print_json(reports)
     else:
         for report in reports:
             print(f"{report.summary()}; encoded {report.encoded} now, {report.shards} shards")

@@ -333,6 +333,9 @@ def test_dataclass_fields_match_sd_scripts_keys() -> None:
         "validation_seed",
         "resize_interpolation",
         "skip_image_resolution",
+        # stoker's own keys (not sd-scripts'): where the latent and text-encoder caches live.
+        "latent_cache",
+        "text_cache",
     }
 
 
