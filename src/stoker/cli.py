@@ -527,10 +527,11 @@ def _add_tune_parser(sub: Any) -> None:
     tune = sub.add_parser(
         "tune",
         help="measure worker counts on your dataset and choose the fewest that keep up",
-        description="Measure candidate worker counts within the CPU budget on your dataset "
-        "(at most 10 s or 5% of an epoch), choose the fewest within 5% of the best, or the "
-        "fewest that keep up with --consumer-rate, and remember the choice for "
-        "make_loader(dataset, workers='auto'). Rules: docs/tuning.md.",
+        description="Run the loader training would use, tuning its workers live as "
+        "make_loader(dataset, workers='auto') does, over up to two epochs with no training "
+        "step (or one of --consumer-rate batches/s, simulated), print what each worker count "
+        "delivered, and remember the choice as the next run's starting point. Rules: "
+        "docs/tuning.md.",
     )
     _add_source_options(tune)
     tune.add_argument(

@@ -15,6 +15,10 @@ for a reason a public API does not cover:
 - ``UntypedStorage._new_shared``: build a worker's batch in shared memory from the start, as
   torch's own ``default_collate`` does, so sending it to the main process copies nothing
   (`new_shared_tensor`; issue #11);
+- ``DataLoader.persistent_workers`` (refused by ``DataLoader.__setattr__`` after construction),
+  ``num_workers``, ``prefetch_factor``, ``timeout`` and ``multiprocessing_context``: live tuning
+  gives a loader another worker count between two batches (``set_worker_settings``,
+  ``stoker.autotune``).
 - ``DataLoader._index_sampler`` (the sampler the iterators draw from and ``len()`` counts):
   ``StokerLoader`` overrides it to iterate this rank's batches while ``batch_sampler`` shows every
   rank's, so accelerate's ``prepare`` re-shards to the same split (``loader.build``).
@@ -40,6 +44,7 @@ __all__ = [
     "outstanding_tasks",
     "persistent_iterator",
     "shutdown_workers",
+    "set_worker_settings",
     "stop_asking",
     "unwatch_worker_exits",
     "worker_processes",
@@ -107,8 +112,10 @@ def outstanding_tasks(inner: Any) -> dict[int, tuple[Any, ...]]:
 
 
 def stop_asking(inner: Any) -> bool:
-    """Ask the workers for no more batches; ``False`` when this torch does not allow it."""
-    if not _multiprocess(inner):
+    """Ask the iterator for no more batches (the ones already asked for still arrive, then it
+    stops as at an epoch's end); ``False`` for anything but torch's iterators, or when this torch
+    does not allow it."""
+    if not (_multiprocess(inner) or type(inner).__name__ == "_SingleProcessDataLoaderIter"):
         return False
     if not hasattr(inner, "_sampler_iter"):
         _degraded("_sampler_iter", "a quiet early stop of spawned workers")
@@ -162,3 +169,28 @@ def new_shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tenso
 def persistent_iterator(loader: Any) -> Any:
     """The iterator a DataLoader with persistent workers keeps between epochs, or ``None``."""
     return getattr(loader, "_iterator", None)
+
+
+def set_worker_settings(
+    loader: Any,
+    *,
+    num_workers: int,
+    prefetch_factor: int | None,
+    persistent_workers: bool,
+    timeout: float,
+    multiprocessing_context: str | None,
+) -> None:
+    """Give ``loader`` another worker count for its next iterator; stop its persistent workers.
+
+    ``multiprocessing_context`` is set after ``num_workers``, since its setter checks that there
+    are workers; ``persistent_workers`` bypasses ``DataLoader.__setattr__``, which refuses it.
+    """
+    old = persistent_iterator(loader)
+    if old is not None:
+        shutdown_workers(old)
+        loader._iterator = None
+    loader.num_workers = num_workers
+    loader.prefetch_factor = prefetch_factor
+    loader.timeout = timeout
+    loader.multiprocessing_context = multiprocessing_context if num_workers > 0 else None
+    object.__setattr__(loader, "persistent_workers", persistent_workers)
