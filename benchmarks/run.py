@@ -5,9 +5,12 @@
 
 It builds a deterministic synthetic dataset once (cached under ``benchmarks/out/``) and measures:
 
-1. per core: stoker's sample path against a reference that follows sd-scripts' per-image steps,
-   on the same images to the same output sizes (CPU seconds of one thread, so other load on the
-   machine does not count);
+1. per core: stoker's sample path, and whole epochs through ``make_loader(workers=0)``, against a
+   reference that follows sd-scripts' per-image steps, on the same images to the same output
+   sizes (CPU seconds of one thread, interleaved); PSNR against it, zone-plate aliasing, and
+   where stoker's time goes;
+2a. scaling: loader images/s at 0, 1, 2 and budget workers against one process x workers, runs
+   interleaved, and 2 workers as before issue #11 (float batches through the worker queue);
 2. loader throughput for 0 ... budget+2 workers, fork and spawn, and time to first batch;
 3. the gap at an epoch boundary with and without persistent workers;
 4. worker memory for a 1,000,000-entry catalog: stoker's arrays against a list of dicts;
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
+import dataclasses
 import io
 import json
 import os
@@ -60,6 +64,8 @@ from stoker.bench import (
     touch_catalog,
     touch_records,
 )
+from stoker.data.images import fast_jpeg_decoder
+from stoker.data.quality import aliasing, psnr, zone_plate
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -215,6 +221,7 @@ def section_per_core(config: Path, *, rounds: int, profile: bool) -> dict[str, A
     names = list(paths)
     for fn in paths.values():
         fn(0)  # warm caches and imports
+    through_loader = _loader_against_reference(fast, jobs, rounds)
     seconds = {name: np.zeros((rounds, len(jobs))) for name in names}
     for r in range(rounds):
         for i in range(len(jobs)):
@@ -232,9 +239,12 @@ def section_per_core(config: Path, *, rounds: int, profile: bool) -> dict[str, A
         "clock": "time.process_time (CPU seconds of this single-threaded process)",
         "images_per_cpu_second": rates,
         "ratio_to_reference": {name: rate / ref for name, rate in rates.items()},
+        "through_make_loader": through_loader,
         "by_megapixels": _by_megapixels(jobs, per_image, names),
-        "difference_from_reference": _differences(jobs, fast, plain),
-        "breakdown": _breakdown(fast, jobs, rounds),
+        "quality": _quality(jobs, fast, plain),
+        "zone_plate": _zone_plate_aliasing(config.parent),
+        "decoder": fast_jpeg_decoder(),
+        "breakdown": _breakdown(jobs, rounds),
     }
     if profile:
         result["profile_top"] = _profile(lambda: [paths[names[1]](i) for i in range(len(jobs))])
@@ -262,46 +272,103 @@ def _by_megapixels(
     return rows
 
 
-def _differences(jobs: list[Any], fast: Any, plain: Any) -> dict[str, float]:
-    """Mean absolute difference from the reference, in 0..255 units (mean over images, worst)."""
-    out: dict[str, list[float]] = {"fast_decode": [], "fast_decode=False": []}
-    for i, job in enumerate(jobs):
-        ref = sdscripts_reference(*job)
-        for name, ds in (("fast_decode", fast), ("fast_decode=False", plain)):
-            mine = ds.__getitems__([(0, i, i, 0)])["images"]
-            out[name].append(float((mine - ref).abs().mean()) * 127.5)
+def _loader_against_reference(ds: Any, jobs: list[Any], rounds: int) -> dict[str, Any]:
+    """Whole epochs through ``make_loader(workers=0)`` against the reference over every image.
+
+    Interleaved (reference, loader, reference, ...), CPU seconds of this one-thread process,
+    medians over ``rounds``. The loader's epoch has the dataset's repeats and batches of 4;
+    rates are per image, so they compare.
+    """
+    loader = stoker.make_loader(ds, workers=0, seed=0, shuffle=True, monitor=False)
+    next(iter(loader))  # warm
+    ref_rates, loader_rates = [], []
+    for _ in range(max(2, rounds)):
+        t0 = time.process_time()
+        for job in jobs:
+            sdscripts_reference(*job)
+        ref_rates.append(len(jobs) / (time.process_time() - t0))
+        t0 = time.process_time()
+        images = sum(len(batch["images"]) for batch in loader)
+        loader_rates.append(images / (time.process_time() - t0))
+    ref, got = statistics.median(ref_rates), statistics.median(loader_rates)
+    return {"reference": ref, "make_loader_workers_0": got, "ratio": got / ref}
+
+
+def _quality(jobs: list[Any], fast: Any, plain: Any) -> dict[str, float]:
+    """PSNR against the reference (full decode, INTER_AREA or LANCZOS): pooled over all pixels
+    of all images, and the worst image; plus the mean absolute difference in 0..255 steps."""
+    out: dict[str, float] = {}
+    for name, ds in (("fast path", fast), ("fast_decode=False", plain)):
+        squared, pixels, worst, absolute = 0.0, 0, float("inf"), []
+        for i, job in enumerate(jobs):
+            ref = sdscripts_reference(*job).numpy().astype(np.float64)
+            mine = ds.__getitems__([(0, i, i, 0)])["images"].numpy().astype(np.float64)
+            squared += float((((mine - ref) * 127.5) ** 2).sum())
+            pixels += ref.size
+            worst = min(worst, psnr(mine, ref))
+            absolute.append(float(np.abs(mine - ref).mean()) * 127.5)
+        out[f"{name} PSNR dB"] = float(10 * np.log10(255.0**2 / (squared / pixels)))
+        out[f"{name} worst image PSNR dB"] = worst
+        out[f"{name} mean abs diff"] = statistics.fmean(absolute)
+    return out
+
+
+ZONE_SIZE, ZONE_TARGET = 1536, 512
+
+
+def _zone_plate_aliasing(folder: Path) -> dict[str, float]:
+    """Aliasing (see stoker.data.quality) of a 1536 zone-plate JPEG resized to 512 by each path."""
+    import cv2
+
+    from stoker.data.images import decode_scaled, resize_crop
+
+    path = folder / "zone-plate.jpg"
+    if not path.exists():
+        Image.fromarray(zone_plate(ZONE_SIZE)).save(path, quality=95)
+    size = (ZONE_TARGET, ZONE_TARGET)
+    full = np.asarray(Image.open(path).convert("L"))
+    scaled = decode_scaled(path, size_wh=size)
+    stoker_out, _ = resize_crop(
+        scaled,
+        resized_wh=size,
+        bucket_wh=size,
+        random_crop=False,
+        rng=np.random.default_rng(0),
+        fast=True,
+    )
     return {
-        f"{name} {stat}": f(values)
-        for name, values in out.items()
-        for stat, f in (("mean", statistics.fmean), ("worst image", max))
+        "stoker": aliasing(stoker_out[..., 0].astype(np.float64), ZONE_SIZE),
+        "reference INTER_AREA": aliasing(
+            cv2.resize(full, size, interpolation=cv2.INTER_AREA).astype(np.float64), ZONE_SIZE
+        ),
+        "cv2 INTER_LINEAR (no antialiasing)": aliasing(
+            cv2.resize(full, size, interpolation=cv2.INTER_LINEAR).astype(np.float64), ZONE_SIZE
+        ),
     }
 
 
-def _breakdown(ds: Any, jobs: list[Any], rounds: int) -> dict[str, float]:
-    """CPU ms per image in each step of stoker's fast path (medians over rounds, summed)."""
-    from stoker.data.dataset import to_float_images
-    from stoker.data.images import open_image, resize_crop
+def _breakdown(jobs: list[Any], rounds: int) -> dict[str, float]:
+    """CPU ms per image in each step of stoker's fast path (medians over rounds)."""
+    from stoker.data.dataset import _planes
+    from stoker.data.images import decode_scaled, resize_crop
 
-    steps = {"decode (draft)": [], "resize + crop": [], "to float": [], "other": []}
+    steps: dict[str, list[float]] = {"decode (DCT scale)": [], "resize + crop": [], "to float": []}
     rng = np.random.default_rng(0)
     for _ in range(max(1, rounds)):
-        per = {k: 0.0 for k in steps}
-        for i, (path, resized, bucket) in enumerate(jobs):
+        per = dict.fromkeys(steps, 0.0)
+        for path, resized, bucket in jobs:
             t0 = time.process_time()
-            img = open_image(path, draft_size=resized)
+            img = decode_scaled(path, size_wh=resized)
             t1 = time.process_time()
             pixels, _ = resize_crop(
-                img, resized_wh=resized, bucket_wh=bucket, random_crop=False, rng=rng
+                img, resized_wh=resized, bucket_wh=bucket, random_crop=False, rng=rng, fast=True
             )
             t2 = time.process_time()
-            to_float_images(torch.from_numpy(np.stack([pixels])).permute(0, 3, 1, 2))
+            _planes([pixels], float_images=True)
             t3 = time.process_time()
-            ds.__getitems__([(0, i, i, 0)])
-            t4 = time.process_time()
-            per["decode (draft)"] += t1 - t0
+            per["decode (DCT scale)"] += t1 - t0
             per["resize + crop"] += t2 - t1
             per["to float"] += t3 - t2
-            per["other"] += max(0.0, (t4 - t3) - (t3 - t0))
         for k, v in per.items():
             steps[k].append(1e3 * v / len(jobs))
     return {k: statistics.median(v) for k, v in steps.items()}
@@ -351,6 +418,65 @@ def section_loader(config: Path, *, budget: int, batches: int, repeats: int, qui
         small, workers=[0, budget], batches=batches, repeats=repeats, budget_cpus=budget
     )
     return report, uint8
+
+
+class FloatThroughTheQueue(stoker.StokerDataset):
+    """The dataset as before issue #11: workers send float batches (4x the bytes of uint8)."""
+
+    def for_workers(self) -> stoker.StokerDataset:
+        return self
+
+
+def section_scaling(
+    config: Path, *, budget: int, batches: int, repeats: int
+) -> tuple[BenchReport, dict[str, Any]]:
+    """Loader images/s at 0, 1, 2 and ``budget`` fork workers, float output, runs interleaved.
+
+    Each round measures every setting once, in turn, so the load other jobs put on this shared
+    machine spreads over all of them; medians over ``repeats`` rounds. "as before #11" is the
+    same loader with float batches sent through the worker queue as float.
+    """
+    ds = _load(config)
+    before = object.__new__(FloatThroughTheQueue)
+    before.__dict__.update(ds.__dict__)
+    settings = [(w, "stoker", ds) for w in sorted({0, 1, 2, budget})]
+    settings.append((2, "as before #11 (float through the queue)", before))
+    runs: dict[str, list[float]] = {}
+    kept: dict[str, list[Any]] = {}
+    for _ in range(repeats):
+        for workers, label, dataset in settings:
+            m = measure_loader(dataset, workers=workers, batches=batches, start_method="fork")
+            if label != "stoker":
+                m = dataclasses.replace(m, start_method="fork, as before #11")
+            runs.setdefault(f"{workers} workers, {label}", []).append(m.images_per_second)
+            kept.setdefault(f"{workers} workers, {label}", []).append(m)
+    rates = {name: statistics.median(values) for name, values in runs.items()}
+    single = rates["0 workers, stoker"]
+    medians = [
+        sorted(ms, key=lambda m: m.images_per_second)[(len(ms) - 1) // 2] for ms in kept.values()
+    ]
+    report = BenchReport(
+        source=f"benchmark set, resolution {RESOLUTION}, batch 4, float, fork (medians of {repeats})",
+        budget_cpus=budget,
+        repeats=repeats,
+        measurements=medians,
+    )
+    return report, {
+        "images_per_second": rates,
+        "runs": runs,
+        "x_one_process_times_workers": {
+            name: rate / (single * max(1, int(name.split()[0]))) for name, rate in rates.items()
+        },
+        "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def _print_scaling(r: dict[str, Any]) -> None:
+    _say("\n2a. Loader scaling, fork, float output, rounds interleaved (median images/s)")
+    for name, rate in r["images_per_second"].items():
+        ratio = r["x_one_process_times_workers"][name]
+        _say(f"  {name:<52} {rate:7.1f} images/s   x{ratio:.2f} of one process x workers")
+    _say(f"  load average after: {' '.join(r['loadavg_after'])}")
 
 
 _POOL_DATASET: Any = None
@@ -610,21 +736,34 @@ def _print_per_core(r: dict[str, Any], label: str = f"at resolution {RESOLUTION}
             f"{n.split(' (')[0]} x{v:.2f}" for n, v in row["ratio_to_reference"].items()
         )
         _say(f"  {row['megapixels']:>7} MP ({row['images']:>2} images): {ratios}")
-    diffs = ", ".join(f"{k} {v:.2f}" for k, v in r["difference_from_reference"].items())
-    _say(f"  mean |stoker - reference| in /255: {diffs}")
+    tl = r["through_make_loader"]
+    _say(
+        f"  through make_loader(workers=0), whole epochs interleaved with the reference: "
+        f"{tl['make_loader_workers_0']:.1f} against {tl['reference']:.1f} images/CPU-s, "
+        f"x{tl['ratio']:.2f}  (decoder: {r['decoder']})"
+    )
+    quality = ", ".join(f"{k} {v:.2f}" for k, v in r["quality"].items())
+    _say(f"  against the reference: {quality}")
+    zone = ", ".join(f"{k} {v:.3f}" for k, v in r["zone_plate"].items())
+    _say(f"  zone plate {ZONE_SIZE} -> {ZONE_TARGET}, aliasing (0 none, 0.7 moire): {zone}")
     steps = ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown"].items())
     _say(f"  stoker fast path, CPU ms per image: {steps}")
 
 
 def _print_loader(report: BenchReport, uint8: BenchReport, budget: int) -> None:
     _say(f"\n2. Loader (batch 4, {report.repeats} runs each, median; budget {budget} CPUs)")
-    _say("  workers start   images/s  first batch s  workers PSS MiB  total PSS MiB")
+    _say(
+        "  workers start   images/s  x (one process x workers)  first batch s  workers PSS MiB  "
+        "total PSS MiB"
+    )
+    single = _rate(report, 0)
     for m in report.measurements:
         wp = (m.worker_pss_bytes or 0) / MIB
         tp = (m.total_pss_bytes or 0) / MIB
+        scaling = m.images_per_second / (single * max(1, m.workers))
         _say(
             f"  {m.workers:>7} {m.start_method or '-':<6} {m.images_per_second:9.1f} "
-            f"{m.first_batch_seconds:13.2f} {wp:16.0f} {tp:14.0f}"
+            f"{scaling:26.2f} {m.first_batch_seconds:14.2f} {wp:16.0f} {tp:14.0f}"
         )
     for m in uint8.measurements:
         _say(f"  uint8 output, {m.workers} workers: {m.images_per_second:.1f} images/s")
@@ -687,18 +826,35 @@ def targets(results: dict[str, Any], budget: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     pc = results.get("per_core")
     if pc:
-        out["per_core_ratio (>= 2.5)"] = pc["ratio_to_reference"]["stoker fast_decode"]
+        out["per_core_ratio through make_loader(workers=0) (>= 2.5)"] = pc["through_make_loader"][
+            "ratio"
+        ]
+        out["per_core_ratio of the sample path"] = pc["ratio_to_reference"]["stoker fast_decode"]
+        out["PSNR against the reference, dB (>= 40)"] = pc["quality"]["fast path PSNR dB"]
+        out["worst image PSNR, dB"] = pc["quality"]["fast path worst image PSNR dB"]
+        zone = pc["zone_plate"]
+        out["zone plate aliasing, stoker (<= reference INTER_AREA)"] = zone["stoker"]
+        out["zone plate aliasing, reference INTER_AREA"] = zone["reference INTER_AREA"]
     if results.get("per_core_512"):
         out["per_core_ratio at resolution 512"] = results["per_core_512"]["ratio_to_reference"][
             "stoker fast_decode"
         ]
+    sc = results.get("scaling")
+    if sc:
+        for name, ratio in sc["x_one_process_times_workers"].items():
+            if not name.startswith("0 "):
+                out[f"scaling, {name} (>= 0.9 at 2)"] = ratio
     ld = results.get("loader")
     if ld:
         rates = {
             (m["workers"], m["start_method"]): m["images_per_second"] for m in ld["measurements"]
         }
         single = rates[(0, None)]
-        out[f"scaling at {budget} workers (>= 0.9)"] = rates[(budget, "fork")] / (single * budget)
+        for workers in sorted({1, 2, budget}):
+            if (workers, "fork") in rates:
+                out[f"scaling at {workers} workers (>= 0.9 at 2)"] = rates[(workers, "fork")] / (
+                    single * workers
+                )
     cap = results.get("capacity")
     if ld and cap:
         out[f"loader at {budget} workers / same work without a loader"] = (
@@ -719,7 +875,7 @@ def targets(results: dict[str, Any], budget: int) -> dict[str, Any]:
 
 # --- main ----------------------------------------------------------------------------------------
 
-SECTIONS = ("per-core", "loader", "epoch-gap", "memory", "scan", "one-cpu")
+SECTIONS = ("per-core", "scaling", "loader", "epoch-gap", "memory", "scan", "one-cpu")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -784,6 +940,12 @@ def main(argv: list[str] | None = None) -> int:
         _print_per_core(results["per_core_512"], "at resolution 512 (SD 1.5)")
     elif "per-core" in sections:
         _say("\n1. Per core: skipped, the reference path needs OpenCV: pip install 'stoker[bench]'")
+    if "scaling" in sections:
+        scaling_report, results["scaling"] = section_scaling(
+            config, budget=budget, batches=10 if quick else 28, repeats=repeats
+        )
+        _print_scaling(results["scaling"])
+        _plot(scaling_report, args.plot or args.out.with_name("loader.png"))
     if "loader" in sections:
         report, uint8 = section_loader(
             config, budget=budget, batches=10 if quick else 28, repeats=repeats, quick=quick

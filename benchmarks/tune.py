@@ -1,21 +1,26 @@
-"""workers="auto" against a full sweep, the probe's cost, the cached choice, consumers, the monitor.
+"""workers="auto" tuned live, against every fixed worker count, side by side in one run.
 
-One command: ``python benchmarks/tune.py`` (``--quick`` for a smaller, noisier run). It writes a
-deterministic synthetic dataset under ``benchmarks/out/tune-data`` (once), then, in one run:
+One command: ``python benchmarks/tune.py`` (``--sets 40 --epochs 4`` for a shorter, noisier run).
+It writes the benchmark images of ``benchmarks/run.py`` (photo-like JPEGs and PNGs of 0.3 to 12
+megapixels, seed 0) once under ``benchmarks/out/``, with a config as in issue 13: resolution 1024,
+batch size 1, one repeat. Then, for each set (40 and 400 images):
 
-1. **sweep**: the steady throughput of every worker count 0 .. budget+2 (each measured ``--repeats``
-   times, interleaved, median kept); auto's throughput is the sweep's figure for the count
-   ``workers="auto"`` chose, measured in the same interleaved runs; target: >= 0.95 x the best;
-2. **probe cost**: ``make_loader(dataset, workers="auto")`` with an empty cache, against its limit,
-   min(10 s, 5% of an epoch at the best rate); **cached**: the same call again (target < 50 ms);
-3. **consumers**: for training steps that take a few rates (batches/s), the count chosen with
-   ``consumer_rate=``, the fewest counts of the sweep that keep up with and without the margin,
-   and a simulated training loop (sleeping 1/rate per batch) at the chosen count and one fewer,
-   with the wait fraction the monitor saw;
-4. **monitor overhead**: the cost per batch of timing it (a micro-benchmark of what the loader
-   adds per batch, and a loader over a trivial dataset with the monitor on and off).
+1. **no consumer**: a run of ``--epochs`` epochs (10) with a loop that only takes batches, with
+   every fixed count 0 .. budget+1 and with ``workers="auto"`` (an empty cache, so nothing is
+   remembered), interleaved. Figures: total time (from ``make_loader`` to the last batch, worker
+   start-up, switches and all) against the best fixed count (target <= 1.05x), and batches/s in
+   the settled epochs (after the last switch) against the best fixed count's over the same epochs
+   (target >= 0.95x);
+2. **tuning cost**: auto's total time over the time of the fixed count it settled on, minus one
+   (target < 2%);
+3. **consumers** (the first set only): a training step simulated by sleeping at three rates (half
+   of what 1 worker delivers, between 1 worker and the best, twice the best). Every fixed count
+   runs with it first, to find the fewest that keeps up (the loop waits at most 5%; else the
+   best); then auto runs with it until it settles: which count and after how many batches
+   (target: the fewest that keep up, within 2 epochs or 200 batches, whichever comes first).
 
-Results go to ``benchmarks/out/tune.json``; figures for docs/tuning.md.
+The machine may be shared: every figure is one run, so say how busy the machine was when you
+quote them. Results go to ``benchmarks/out/tune.json``; figures for docs/tuning.md.
 """
 
 from __future__ import annotations
@@ -23,255 +28,227 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import stoker
-from stoker.data.synthetic import write_sample_dataset
-from stoker.monitor import InputMonitor, batch_samples
-from stoker.tune import CONSUMER_MARGIN, ZERO_WORKERS_FACTOR
+from run import build_dataset  # noqa: E402  # benchmarks/run.py: the same images
+
+import stoker  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
+KEEP_UP_WAIT = 0.05
+
+CONFIG = """[general]
+enable_bucket = true
+caption_extension = ".txt"
+shuffle_caption = true
+keep_tokens = 1
+
+[[datasets]]
+resolution = 1024
+batch_size = 1
+min_bucket_reso = 256
+max_bucket_reso = 2048
+bucket_reso_steps = 64
+
+  [[datasets.subsets]]
+  image_dir = "2_photo"
+  num_repeats = 1
+"""
 
 
-def dataset_at(images: int) -> Any:
-    root = OUT / f"tune-data-{images}"
-    if not (root / "dataset.toml").exists():
-        write_sample_dataset(root, images=images, seed=0)
-    return stoker.load_dataset(root / "dataset.toml", on_error="raise")
+def dataset_of(images: int) -> Any:
+    root = OUT / f"tune-{images}"
+    build_dataset(root, images=images)
+    config = root / "tune.toml"
+    config.write_text(CONFIG, encoding="utf-8")
+    return stoker.load_dataset(config, on_error="raise", progress=lambda d, t: None)
 
 
-def steady_rate(loader: Any, seconds: float) -> float:
-    """Batches/s after the first batch and the backlog queued while workers started, over whole
-    rounds of one batch per worker (the same way the probe measures; see stoker.tune)."""
-    round_size = max(loader.num_workers, 1)
-    it = iter(loader)
-    with warnings.catch_warnings():  # torch's advice about more workers than CPUs: intended here
+def run(dataset: Any, workers: Any, epochs: int, *, rate: float | None = None, stop: Any = None):
+    """One run: per-epoch seconds, total seconds, the loader (for its stats and tuning)."""
+    budget = stoker.cpu_budget()
+    planned = max(workers, budget.cpus) if isinstance(workers, int) else budget
+    with tempfile.TemporaryDirectory() as cache, warnings.catch_warnings():
+        os.environ["STOKER_CACHE_DIR"] = cache  # auto remembers nothing from an earlier run
+        # torch's advice about more workers than CPUs: budget+1 is measured on purpose
         warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
-        for _ in range(max(loader.num_workers * (loader.prefetch_factor or 1), 1)):
-            next(it)
-    first = time.perf_counter()
-    count = 0
-    for _ in it:
-        count += 1
-        now = time.perf_counter()
-        if count % round_size == 0 and count >= 2 * round_size and now - first >= seconds:
-            break
-    del it
-    return count / (time.perf_counter() - first)
+        warnings.filterwarnings("ignore", category=stoker.InputBoundWarning)
+        began = time.perf_counter()
+        loader = stoker.make_loader(dataset, workers=workers, budget=planned, seed=0)
+        epoch_seconds, batches = [], 0
+        for _ in range(epochs):
+            start = time.perf_counter()
+            for _batch in loader:
+                batches += 1
+                if rate:
+                    time.sleep(1.0 / rate)
+                if stop is not None and stop(loader, batches):
+                    break
+            epoch_seconds.append(time.perf_counter() - start)
+            if stop is not None and stop(loader, batches):
+                break
+        total = time.perf_counter() - began
+    return {"epoch_seconds": epoch_seconds, "total": total, "batches": batches, "loader": loader}
 
 
-def loader_for(dataset: Any, workers: int, budget: stoker.Budget) -> Any:
-    # Plan on a budget of at least `workers` CPUs so the planner does not clamp the count.
-    cpus = max(workers, budget.cpus)
-    with warnings.catch_warnings():  # torch's advice about more workers than CPUs: intended here
-        warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
-        return stoker.make_loader(
-            dataset, workers=workers, budget=cpus, seed=0, persistent=False, monitor=False
-        )
+def no_consumer(dataset: Any, counts: list[int], epochs: int) -> dict[str, Any]:
+    per_epoch = len(stoker.make_loader(dataset, workers=0, budget=1))
+    runs: dict[Any, Any] = {}
+    for workers in ["auto", *counts]:  # interleaved: one of each, auto first
+        runs[workers] = run(dataset, workers, epochs)
+        say(f"    {workers!s:>4}: {runs[workers]['total']:.1f} s")
+    auto = runs.pop("auto")
+    tuning = auto["loader"].stats()
+    switches = tuning.switches
+    settled_from = (switches[-1].epoch + 1) if switches else 0
+    settled_from = min(settled_from, epochs - 1)
+    best = min(counts, key=lambda k: runs[k]["total"])
 
+    def rate(r: dict[str, Any]) -> float:
+        return per_epoch * (epochs - settled_from) / sum(r["epoch_seconds"][settled_from:])
 
-def sweep(dataset: Any, budget: stoker.Budget, counts: list[int], seconds: float, repeats: int):
-    rates: dict[int, list[float]] = {k: [] for k in counts}
-    for _ in range(repeats):
-        for k in counts:
-            rates[k].append(steady_rate(loader_for(dataset, k, budget), seconds))
-    return {k: statistics.median(v) for k, v in rates.items()}
-
-
-def probe_costs(dataset: Any, cache: Path) -> dict[str, Any]:
-    for old in (cache / "tune").glob("*.json") if (cache / "tune").exists() else []:
-        old.unlink()
-    start = time.perf_counter()
-    loader = stoker.make_loader(dataset, workers="auto", seed=0)
-    probe = time.perf_counter() - start
-    hits = []
-    for _ in range(5):
-        start = time.perf_counter()
-        again = stoker.make_loader(dataset, workers="auto", seed=0)
-        hits.append(time.perf_counter() - start)
-    note = next(a for a in again.plan.defaults if a.setting == "workers")
-    assert "remembered" in note.reason, note.reason
-    lookup = []
-    for _ in range(5):
-        start = time.perf_counter()
-        result = stoker.tune_loader(dataset)
-        lookup.append(time.perf_counter() - start)
-        assert result.cached
+    best_settled = max(counts, key=lambda k: rate(runs[k]))
+    chosen = auto["loader"].num_workers
     return {
-        "workers": loader.num_workers,
-        "reason": next(a for a in loader.plan.defaults if a.setting == "workers").reason,
-        "probe_seconds": probe,
-        "cached_make_loader_seconds": statistics.median(hits),
-        "cached_tune_loader_seconds": statistics.median(lookup),
+        "batches_per_epoch": per_epoch,
+        "fixed_total_seconds": {k: runs[k]["total"] for k in counts},
+        "auto_total_seconds": auto["total"],
+        "best_fixed": best,
+        "total_ratio": auto["total"] / runs[best]["total"],
+        "settled_from_epoch": settled_from,
+        "settled_rate_ratio": rate(auto) / rate(runs[best_settled]),
+        "best_settled_fixed": best_settled,
+        "chosen": chosen,
+        "tuning_cost": auto["total"] / runs[chosen]["total"] - 1 if chosen in runs else None,
+        "switches": [
+            {
+                "batch": s.batch,
+                "epoch": s.epoch,
+                "from": s.from_workers,
+                "to": s.to_workers,
+                "seconds": round(s.seconds, 3),
+                "reason": s.reason,
+            }
+            for s in switches
+        ],
+        "reason": tuning.tuning,
     }
 
 
-def simulated_wait(dataset: Any, workers: int, rate: float, seconds: float, budget) -> float:
-    """Wait fraction of a training loop that takes 1/rate s per step, after warm-up."""
-    monitor = InputMonitor(window_batches=10**6)  # never warns here; we only read the figures
-    loader = stoker.make_loader(
-        dataset, workers=workers, budget=max(workers, budget.cpus), seed=0, monitor=monitor
-    )
-    it = iter(loader)
-    for _ in range(max(workers, 1) * 2 + 2):  # warm-up: workers start, queues fill
+def steady_wait(dataset: Any, workers: int, rate: float, *, batches: int) -> float:
+    """The share of time a loop taking 1/rate s per batch waits, after the first round (worker
+    start-up) and one more batch."""
+    budget = max(workers, stoker.cpu_budget().cpus)  # so the planner keeps the count asked for
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
+        loader = stoker.make_loader(dataset, workers=workers, budget=budget, seed=0)
+        it = iter(loader)
+    wait = wall = 0.0
+    for i in range(batches):
+        asked = time.perf_counter()
         next(it)
+        got = time.perf_counter()
         time.sleep(1.0 / rate)
-    before = monitor.stats(workers=workers)
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        next(it)
-        time.sleep(1.0 / rate)
-    after = monitor.stats(workers=workers)
+        if i > max(workers, 1):
+            wait += got - asked
+            wall += time.perf_counter() - asked
     del it
-    wait = after.wait_seconds - before.wait_seconds
-    return wait / max(after.wall_seconds - before.wall_seconds, 1e-9)
+    return wait / wall
 
 
-def consumers(dataset, budget, rates_by_count, fractions, seconds) -> list[dict[str, Any]]:
-    best = max(rates_by_count.values())
+def consumers(dataset: Any, counts: list[int], fixed_rates: dict[int, float]) -> list[Any]:
+    per_epoch = len(stoker.make_loader(dataset, workers=0, budget=1))
+    best = max(fixed_rates.values())
+    limit = min(2 * per_epoch, 200)
     rows = []
-    for fraction in fractions:
-        rate = best * fraction
-        result = stoker.tune_loader(dataset, consumer_rate=rate, cache=False, progress=False)
-        k = result.plan.num_workers
-        enough = [c for c, r in sorted(rates_by_count.items()) if c and r >= rate]
-        with_margin = [
-            c
-            for c, r in sorted(rates_by_count.items())
-            if r >= rate * (ZERO_WORKERS_FACTOR if c == 0 else CONSUMER_MARGIN)
-        ]
-        row = {
-            "consumer_rate": rate,
-            "chosen": k,
-            "fewest_that_keep_up_in_sweep": enough[0] if enough else None,
-            "fewest_with_margin_in_sweep": with_margin[0] if with_margin else None,
-            "wait_fraction_chosen": simulated_wait(dataset, k, rate, seconds, budget),
-            "wait_fraction_one_fewer": (
-                simulated_wait(dataset, k - 1, rate, seconds, budget) if k > 0 else None
-            ),
-            "probe_measured": [m.workers for m in result.measurements if m.batches],
-        }
-        rows.append(row)
+    for label, rate in (
+        ("slower than 1 worker", 0.5 * fixed_rates[1]),
+        ("between", (fixed_rates[1] + best) / 2),
+        ("faster than all", 2 * best),
+    ):
+        waits = {k: steady_wait(dataset, k, rate, batches=min(per_epoch, 60)) for k in counts}
+        keepers = [k for k in counts if waits[k] <= KEEP_UP_WAIT]
+        r = run(
+            dataset,
+            "auto",
+            50,
+            rate=rate,
+            stop=lambda loader, n: loader._tuning.tuner.settled or n >= 2 * limit,
+        )
+        tuner = r["loader"]._tuning.tuner
+        rows.append(
+            {
+                "consumer": label,
+                "batches_per_second": rate,
+                "wait_by_fixed_count": waits,
+                "fewest_that_keep_up": keepers[0] if keepers else None,
+                "auto_settled_on": tuner.decision.workers if tuner.settled else None,
+                "auto_batches_to_settle": r["batches"],
+                "limit_batches": limit,
+                "reason": tuner.decision.reason,
+            }
+        )
+        say(
+            f"    consumer {rate:5.1f}/s ({label}): fixed waits "
+            + ", ".join(f"{k}: {w:.0%}" for k, w in waits.items())
+            + f"; auto settled on {rows[-1]['auto_settled_on']} after {r['batches']} batches"
+        )
+        say(f"      why: {tuner.decision.reason}")
     return rows
 
 
-def monitor_overhead(batches: int) -> dict[str, float]:
-    monitor = InputMonitor()
-    clock = monitor.clock
-    batch = {"images": torch.zeros(2, 3, 8, 8), "captions": ["a", "b"]}
-    start = time.perf_counter()
-    for _ in range(batches):
-        asked = clock()
-        monitor.record(asked, clock(), batch_samples(batch))
-    micro = (time.perf_counter() - start) / batches
-
-    def loop(monitor_on: bool) -> float:
-        loader = stoker.make_loader(
-            list(range(batches)),
-            batch_size=None,
-            workers=0,
-            budget=1,
-            monitor=InputMonitor(window_batches=10**6) if monitor_on else False,
-        )
-        start = time.perf_counter()
-        for _ in loader:
-            pass
-        return (time.perf_counter() - start) / batches
-
-    on, off = [], []
-    for _ in range(5):
-        off.append(loop(False))
-        on.append(loop(True))
-    return {
-        "record_seconds_per_batch": micro,
-        "loader_seconds_per_batch_monitor_off": statistics.median(off),
-        "loader_seconds_per_batch_monitor_on": statistics.median(on),
-        "added_seconds_per_batch": statistics.median(on) - statistics.median(off),
-    }
+def say(text: str = "") -> None:
+    print(text, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller dataset, shorter timings")
-    parser.add_argument("--images", type=int, default=None)
-    parser.add_argument("--seconds", type=float, default=None, help="per sweep measurement")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--sets", default="40,400", help="image counts, comma-separated")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--no-consumers", action="store_true")
     args = parser.parse_args(argv)
-    images = args.images or (160 if args.quick else 640)
-    seconds = args.seconds or (1.5 if args.quick else 4.0)
-    repeats = args.repeats or (1 if args.quick else 3)
-    cache = OUT / "tune-cache"
-    os.environ["STOKER_CACHE_DIR"] = str(cache)
     budget = stoker.cpu_budget()
-    dataset = dataset_at(images)
-    per_epoch = dataset.report.batches_per_epoch
-    print(f"dataset: {images} images, {per_epoch} batches/epoch; CPU budget {budget.cpus}")
-
-    costs = probe_costs(dataset, cache)
-    counts = list(range(budget.cpus + 3))
-    rates = sweep(dataset, budget, counts, seconds, repeats)
-    auto_rate = rates[costs["workers"]]
-    best_k = max(rates, key=rates.__getitem__)
-    limit = min(10.0, 0.05 * per_epoch / rates[best_k])
-    print("\nsweep (batches/s, median of", repeats, "):")
-    for k, r in rates.items():
-        print(f"  workers={k}: {r:6.1f}  ({r / rates[best_k]:.2f}x best)")
-    print(f"auto chose {costs['workers']} workers: {auto_rate:.1f} batches/s in the sweep")
-    print(f"  auto / best of sweep = {auto_rate / rates[best_k]:.2f}  (target >= 0.95)")
-    print(f"  why: {costs['reason']}")
-    print(
-        f"probe: {costs['probe_seconds']:.2f} s; limit min(10 s, 5% of a "
-        f"{per_epoch / rates[best_k]:.0f} s epoch) = {limit:.2f} s "
-        f"({costs['probe_seconds'] / limit:.2f}x the limit)"
-    )
-    print(
-        f"cached choice: make_loader {costs['cached_make_loader_seconds'] * 1000:.1f} ms, "
-        f"tune_loader {costs['cached_tune_loader_seconds'] * 1000:.1f} ms (target < 50 ms)"
-    )
-
-    fractions = (0.15, 0.4, 0.7) if not args.quick else (0.15, 0.7)
-    rows = consumers(dataset, budget, rates, fractions, seconds)
-    print(f"\nsimulated training steps (margin {CONSUMER_MARGIN}x):")
-    for row in rows:
-        fewer = row["wait_fraction_one_fewer"]
-        print(
-            f"  step at {row['consumer_rate']:5.1f} batches/s: chose {row['chosen']} workers "
-            f"(sweep: {row['fewest_that_keep_up_in_sweep']} workers keep up, "
-            f"{row['fewest_with_margin_in_sweep']} with the margin); waits "
-            f"{row['wait_fraction_chosen']:.0%} of the time"
-            + (f", with one fewer {fewer:.0%}" if fewer is not None else "")
+    counts = list(range(budget.cpus + 2))
+    load = os.getloadavg()
+    say(f"CPU budget {budget.cpus} ({budget.source}); load average {load[0]:.1f} at the start")
+    report: dict[str, Any] = {"cpus": budget.cpus, "load_at_start": load[0], "sets": {}}
+    for n, images in enumerate(int(s) for s in args.sets.split(",")):
+        dataset = dataset_of(images)
+        say(f"\n{images} images, {args.epochs} epochs, no consumer:")
+        result = no_consumer(dataset, counts, args.epochs)
+        fixed = result["fixed_total_seconds"]
+        say(
+            f"  auto {result['auto_total_seconds']:.1f} s, best fixed {result['best_fixed']} "
+            f"workers {fixed[result['best_fixed']]:.1f} s: {result['total_ratio']:.3f}x "
+            "(target <= 1.05)"
         )
-
-    overhead = monitor_overhead(20_000 if args.quick else 100_000)
-    print(
-        f"\nmonitor: {overhead['record_seconds_per_batch'] * 1e6:.2f} us per batch recorded; "
-        f"loader over a trivial dataset {overhead['loader_seconds_per_batch_monitor_off'] * 1e6:.2f}"
-        f" -> {overhead['loader_seconds_per_batch_monitor_on'] * 1e6:.2f} us per batch "
-        f"(+{overhead['added_seconds_per_batch'] * 1e6:.2f} us)"
-    )
-    report = {
-        "machine": {"cpus": budget.cpus, "source": budget.source, "python": sys.version.split()[0]},
-        "dataset": {"images": images, "batches_per_epoch": per_epoch},
-        "sweep_batches_per_second": rates,
-        "auto": {
-            **costs,
-            "batches_per_second": auto_rate,
-            "ratio_to_best": auto_rate / rates[best_k],
-        },
-        "probe_limit_seconds": limit,
-        "consumers": rows,
-        "monitor": overhead,
-    }
+        say(
+            f"  settled epochs (from {result['settled_from_epoch']}): "
+            f"{result['settled_rate_ratio']:.3f}x the best fixed count's rate (target >= 0.95)"
+        )
+        say(
+            f"  auto settled on {result['chosen']} workers; cost of tuning {result['tuning_cost']:+.1%}"
+        )
+        for s in result["switches"]:
+            say(f"    switch at batch {s['batch']} (epoch {s['epoch']}): {s['from']} -> {s['to']}")
+        say(f"  why: {result['reason']}")
+        if n == 0 and not args.no_consumers:
+            per_epoch = result["batches_per_epoch"]
+            rates = {k: per_epoch * args.epochs / t for k, t in fixed.items()}
+            say("  simulated consumers:")
+            result["consumers"] = consumers(dataset, counts[:-1], rates)
+        report["sets"][images] = result
+    report["load_at_end"] = os.getloadavg()[0]
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "tune.json").write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {OUT / 'tune.json'}")
+    (OUT / "tune.json").write_text(json.dumps(report, indent=2, default=str))
+    say(f"\nload average {report['load_at_end']:.1f} at the end; wrote {OUT / 'tune.json'}")
     return 0
 
 

@@ -34,6 +34,14 @@ def _fresh_warnings() -> Iterator[None]:
     warn.told.clear()
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test remembers tuning choices in its own folder: live tuning reads and writes the
+    cache for every loader left to choose its workers, and a choice from another test (or an
+    earlier run) must not change where a test starts."""
+    monkeypatch.setenv("STOKER_CACHE_DIR", str(tmp_path_factory.mktemp("stoker-cache")))
+
+
 @dataclass
 class FakeSys:
     """A fake machine: writes the files cpu_budget() reads under ``root``."""

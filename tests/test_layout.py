@@ -98,7 +98,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_cycle_inside_stoker():
     graph = _graph()
     # The public API module imports everything; nothing below the CLI may import it back.
-    back = [m for m, deps in graph.items() if "stoker" in deps and m != "stoker.cli"]
+    back = [m for m, deps in graph.items() if "stoker" in deps and not m.startswith("stoker.cli")]
     assert not back, f"{back} import the public API module stoker/__init__"
     below = {m: d - {"stoker"} for m, d in graph.items() if m != "stoker"}
     assert _cycle(below) is None, f"import cycle: {' -> '.join(_cycle(below) or [])}"
@@ -134,7 +134,14 @@ def test_arrows_point_down(lower, upper):
         if d == upper or d.startswith(upper + ".")
     )
     assert not wrong
-    assert not [m for m, deps in graph.items() if "stoker.cli" in deps]
+    # The command line (stoker.cli and its stoker.cli_* helpers) is on top: nothing imports it.
+    assert not [
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        if not m.startswith("stoker.cli")
+        for d in deps
+        if d.startswith("stoker.cli")
+    ]
 
 
 def test_import_stoker_imports_each_module_once():

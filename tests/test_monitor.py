@@ -133,3 +133,14 @@ def test_stats_count_replaced_files_per_worker():
     stats = loader.stats()
     assert stats.errors_by_worker == (3,)
     assert [p.path for p in stats.decode_problems] == ["bad0.jpg", "bad1.jpg", "bad2.jpg"]
+
+
+def test_the_input_bound_warning_has_its_own_class_and_never_fails_the_suite():
+    from stoker import InputBoundWarning
+    from stoker.warn import warn
+
+    assert issubclass(InputBoundWarning, StokerWarning)
+    with pytest.warns(InputBoundWarning, match="waited"):
+        warn("training waited for data 90% of the time", once=False, category=InputBoundWarning)
+    # pyproject's filterwarnings ignores it: a loaded machine cannot turn it into a failure
+    warn("training waited for data 90% on a busy machine", once=False, category=InputBoundWarning)

@@ -42,6 +42,8 @@ def _minimal_dataset(**renamed: str) -> object:
         "batch_sizes_in_use": lambda self: [1],
         "fingerprint": lambda self: "x",
         "sample_paths": lambda self, batch: [],
+        "for_workers": lambda self: self,
+        "arrive": lambda self, batch: batch,
     }
     for old, new in renamed.items():
         members[new] = members.pop(old)
@@ -49,7 +51,8 @@ def _minimal_dataset(**renamed: str) -> object:
 
 
 @pytest.mark.parametrize(
-    "member", ["seed", "collate_fn", "make_batch_sampler", "fingerprint", "sample_paths"]
+    "member",
+    ["seed", "collate_fn", "make_batch_sampler", "fingerprint", "sample_paths", "arrive"],
 )
 def test_a_renamed_member_is_no_longer_a_batching_dataset(member):
     assert isinstance(_minimal_dataset(), BatchingDataset)

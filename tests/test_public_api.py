@@ -10,6 +10,7 @@ EXPECTED = [
     "ConfigError",
     "DatasetError",
     "DatasetReport",
+    "InputBoundWarning",
     "InputMonitor",
     "Limit",
     "LoaderPlan",

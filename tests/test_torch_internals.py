@@ -97,3 +97,29 @@ def test_anything_but_torchs_iterator_is_left_alone():
             assert torch_internals.stop_asking(thing) is False
             torch_internals.shutdown_workers(thing)
             torch_internals.unwatch_worker_exits(thing)
+
+
+def test_new_shared_tensor_is_in_shared_memory_with_the_shape_asked_for():
+    assert callable(getattr(torch.UntypedStorage, "_new_shared", None))  # the member it relies on
+    tensor = torch_internals.new_shared_tensor((2, 3, 4, 5), torch.float32)
+    assert tensor.is_shared() and tensor.shape == (2, 3, 4, 5) and tensor.dtype == torch.float32
+    assert tensor.is_contiguous()
+    tensor.fill_(0.5)
+    assert float(tensor.sum()) == 0.5 * 120
+
+
+def test_dataloader_draws_from_index_sampler_which_a_subclass_can_override():
+    # StokerLoader relies on this: batch_sampler shows every rank's batches, _index_sampler is
+    # what the loader iterates and counts (see stoker.loader.build).
+    from torch.utils.data import DataLoader
+
+    assert isinstance(DataLoader.__dict__["_index_sampler"], property)
+
+    class Evens(DataLoader):
+        @property
+        def _index_sampler(self):
+            return [[0], [2]]
+
+    loader = Evens(list(range(4)), batch_sampler=[[0], [1], [2], [3]])
+    assert len(loader) == 2
+    assert [int(b[0]) for b in loader] == [0, 2]

@@ -9,6 +9,8 @@
   - ``SharedMemoryFull`` (also a ``RuntimeError``): ``/dev/shm`` is too small for the batches.
   - ``LoaderTimeout`` (also a ``RuntimeError``): a batch took longer than the loader's ``timeout``.
 - ``StokerWarning``: every warning stoker issues, so users can filter them in one line.
+  - ``InputBoundWarning``: the training loop waits for data (``stoker.monitor``); it depends on
+    how busy the machine is, so it has its own class to filter (the test suite ignores it).
 - ``Problem``: one input file that could not be used as it is, as data (kind, subset, path, action),
   so reports count problems from fields, never from message text.
 
@@ -89,3 +91,7 @@ class Problem:
     subset: int | None = None
     stage: str = "scan"
     action: str = "skipped"
+
+
+class InputBoundWarning(StokerWarning):
+    """The training loop waited for data more than the monitor's threshold (``stoker.monitor``)."""

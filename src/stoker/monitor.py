@@ -9,9 +9,9 @@ window, and ``loader.stats()`` returns them as a ``LoaderStats``.
 window (workers start and fill their queues then, so waiting is expected). The window is the last
 ``window_batches`` batches or the last ``window_seconds`` of wall time, whichever holds more. Once
 it is full, if the training loop waited more than ``threshold`` of the window's wall time, and its
-steps took at least ``min_step_seconds`` on average, the monitor warns once per loader with a
-``StokerWarning`` that names the fraction and a concrete next step (more workers while the CPU
-budget allows, ``output="uint8"``, fast decoding, caching latents).
+steps took at least ``min_step_seconds`` on average, the monitor warns once per loader with an
+``InputBoundWarning`` (a ``StokerWarning``) that names the fraction and a concrete next step (more
+workers while the CPU budget allows, ``output="uint8"``, fast decoding, caching latents).
 
 Defaults: ``threshold=0.2`` over ``window_batches=50`` and ``window_seconds=10`` after
 ``warmup_batches=5``, ``min_step_seconds=0.01``. A GPU idle a fifth of the time for 50 steps and
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stoker.autotune.rules import Switch
 from stoker.errors import Problem
 
 __all__ = ["InputMonitor", "LoaderStats"]
@@ -69,6 +70,9 @@ class LoaderStats:
             ``k % workers``, as PyTorch hands out indices round robin.
         decode_problems: every file replaced after a decode failure (``dataset.decode_problems``).
         warned: whether the input-bound warning was given.
+        switches: each change of the worker count by live tuning (``stoker.autotune``): when,
+            from what, to what, and why.
+        tuning: live tuning's latest decision with its reason (``None``: a fixed worker count).
     """
 
     batches: int
@@ -85,6 +89,8 @@ class LoaderStats:
     errors_by_worker: tuple[int, ...]
     decode_problems: tuple[Problem, ...] = ()
     warned: bool = False
+    switches: tuple[Switch, ...] = ()
+    tuning: str | None = None
 
 
 class InputMonitor:
@@ -178,8 +184,15 @@ class InputMonitor:
             self._errors.append(0)
         self._errors[worker] += count
 
-    def stats(self, *, workers: int, decode_problems: tuple[Problem, ...] = ()) -> LoaderStats:
-        """The totals so far as a ``LoaderStats``."""
+    def stats(
+        self,
+        *,
+        workers: int,
+        decode_problems: tuple[Problem, ...] = (),
+        switches: tuple[Switch, ...] = (),
+        tuning: str | None = None,
+    ) -> LoaderStats:
+        """The totals so far as a ``LoaderStats`` (``switches`` and ``tuning`` from the loader)."""
         wall = self._wait + self._step
         window = None
         if self._window_full() and self._window_wall > 0:
@@ -200,6 +213,8 @@ class InputMonitor:
             errors_by_worker=tuple(errors),
             decode_problems=decode_problems,
             warned=self.warned,
+            switches=switches,
+            tuning=tuning,
         )
 
     def _consumer_rate(self) -> float | None:
@@ -228,8 +243,8 @@ def input_bound_advice(
     advice = []
     if measured and workers < max_workers:
         advice.append(
-            f"workers='auto' measured {workers} workers as fast as more on this budget "
-            f"({budget}), so more workers will not help; the steps below may"
+            f"workers='auto' measured {workers} worker{'' if workers == 1 else 's'} as fast as "
+            f"more on this budget ({budget}), so more workers will not help; the steps below may"
         )
     elif workers < max_workers:
         advice.append(

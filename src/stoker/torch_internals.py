@@ -11,7 +11,17 @@ for a reason a public API does not cover:
   workers off torch's SIGCHLD watch, so a dead worker is reported at the next batch with its name
   instead of from whatever line the training loop runs;
 - ``_shutdown_workers``: stop workers now after a failure, so none is left as a zombie;
-- ``DataLoader._iterator``: the iterator that holds persistent workers.
+- ``DataLoader._iterator``: the iterator that holds persistent workers;
+- ``UntypedStorage._new_shared``: build a worker's batch in shared memory from the start, as
+  torch's own ``default_collate`` does, so sending it to the main process copies nothing
+  (`new_shared_tensor`; issue #11);
+- ``DataLoader.persistent_workers`` (refused by ``DataLoader.__setattr__`` after construction),
+  ``num_workers``, ``prefetch_factor``, ``timeout`` and ``multiprocessing_context``: live tuning
+  gives a loader another worker count between two batches (``set_worker_settings``,
+  ``stoker.autotune``).
+- ``DataLoader._index_sampler`` (the sampler the iterators draw from and ``len()`` counts):
+  ``StokerLoader`` overrides it to iterate this rank's batches while ``batch_sampler`` shows every
+  rank's, so accelerate's ``prepare`` re-shards to the same split (``loader.build``).
 
 Written against torch ``TESTED_TORCH``. When a member is missing (a torch release changed it),
 stoker warns once and falls back to plain DataLoader behaviour for that feature; nothing else
@@ -30,9 +40,11 @@ from stoker.warn import warn
 __all__ = [
     "TESTED_TORCH",
     "missing_internals",
+    "new_shared_tensor",
     "outstanding_tasks",
     "persistent_iterator",
     "shutdown_workers",
+    "set_worker_settings",
     "stop_asking",
     "unwatch_worker_exits",
     "worker_processes",
@@ -100,8 +112,10 @@ def outstanding_tasks(inner: Any) -> dict[int, tuple[Any, ...]]:
 
 
 def stop_asking(inner: Any) -> bool:
-    """Ask the workers for no more batches; ``False`` when this torch does not allow it."""
-    if not _multiprocess(inner):
+    """Ask the iterator for no more batches (the ones already asked for still arrive, then it
+    stops as at an epoch's end); ``False`` for anything but torch's iterators, or when this torch
+    does not allow it."""
+    if not (_multiprocess(inner) or type(inner).__name__ == "_SingleProcessDataLoaderIter"):
         return False
     if not hasattr(inner, "_sampler_iter"):
         _degraded("_sampler_iter", "a quiet early stop of spawned workers")
@@ -135,6 +149,48 @@ def shutdown_workers(inner: Any) -> None:
     stop()
 
 
+def new_shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in shared memory, or an ordinary one when torch lacks the way.
+
+    Called inside DataLoader workers, so it never warns (stoker warns from the main process only);
+    the canary test names the member if an upgrade removes it, and batches are then copied into
+    shared memory by torch as before.
+    """
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if not callable(new_shared):
+        return torch.empty(shape, dtype=dtype)
+    nbytes = dtype.itemsize
+    for side in shape:
+        nbytes *= side
+    storage: torch.UntypedStorage = new_shared(nbytes)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
 def persistent_iterator(loader: Any) -> Any:
     """The iterator a DataLoader with persistent workers keeps between epochs, or ``None``."""
     return getattr(loader, "_iterator", None)
+
+
+def set_worker_settings(
+    loader: Any,
+    *,
+    num_workers: int,
+    prefetch_factor: int | None,
+    persistent_workers: bool,
+    timeout: float,
+    multiprocessing_context: str | None,
+) -> None:
+    """Give ``loader`` another worker count for its next iterator; stop its persistent workers.
+
+    ``multiprocessing_context`` is set after ``num_workers``, since its setter checks that there
+    are workers; ``persistent_workers`` bypasses ``DataLoader.__setattr__``, which refuses it.
+    """
+    old = persistent_iterator(loader)
+    if old is not None:
+        shutdown_workers(old)
+        loader._iterator = None
+    loader.num_workers = num_workers
+    loader.prefetch_factor = prefetch_factor
+    loader.timeout = timeout
+    loader.multiprocessing_context = multiprocessing_context if num_workers > 0 else None
+    object.__setattr__(loader, "persistent_workers", persistent_workers)

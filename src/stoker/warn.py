@@ -27,18 +27,24 @@ logger = logging.getLogger("stoker")
 told: set[Hashable] = set()
 
 
-def warn(message: str, *, key: Hashable | None = None, once: bool = True) -> bool:
+def warn(
+    message: str,
+    *,
+    key: Hashable | None = None,
+    once: bool = True,
+    category: type[StokerWarning] = StokerWarning,
+) -> bool:
     """Warn ``message`` at the first caller outside stoker, and log it; ``False`` if already told.
 
     ``key`` says what counts as the same warning (default: the message); ``once=False`` warns
-    every time.
+    every time; ``category`` is ``StokerWarning`` or a subclass (``InputBoundWarning``).
     """
     seen = message if key is None else key
     if once and seen in told:
         return False
     told.add(seen)
     logger.warning(message)
-    warnings.warn(message, StokerWarning, stacklevel=_user_stacklevel())
+    warnings.warn(message, category, stacklevel=_user_stacklevel())
     return True
 
 

@@ -90,7 +90,7 @@ def test_torchrun_two_ranks_encode_disjoint_shares_into_one_index(
         str(clip_dirs[1]),
         "--cache-dir",
         str(cache),
-        "--batch-size",
+        "--encode-batch-size",
         "1",
         "--json",
     ]

@@ -333,7 +333,7 @@ def test_dataclass_fields_match_sd_scripts_keys() -> None:
         "validation_seed",
         "resize_interpolation",
         "skip_image_resolution",
-        # stoker's own keys (stoker.cache), not sd-scripts'.
+        # stoker's own keys (not sd-scripts'): where the latent and text-encoder caches live.
         "latent_cache",
         "text_cache",
     }

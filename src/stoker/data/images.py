@@ -23,11 +23,18 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import warnings
 from typing import IO
 
 import numpy as np
 import torch
+import torch.nn.functional
 from PIL import Image, UnidentifiedImageError
+
+try:  # libjpeg-turbo with DCT-domain scaling; without it JPEGs go through Pillow's draft
+    import simplejpeg as _turbo  # type: ignore[import-untyped]
+except ImportError:  # pragma: no cover - exercised by monkeypatching _turbo to None in the tests
+    _turbo = None
 
 from stoker.data.inputs import UnusableFile, open_regular, os_reason
 
@@ -39,7 +46,9 @@ __all__ = [
     "color_aug",
     "conditioning_crop_top_left",
     "decode_image",
+    "decode_scaled",
     "face_crop",
+    "fast_jpeg_decoder",
     "open_image",
     "parse_face_info",
     "read_image_size",
@@ -199,14 +208,106 @@ def open_image(
         if expect_size is not None:
             _check_size(_upright_size(im, path, exif=exif), expect_size, path)
         orientation = _orientation(im) if exif else 1
-        if draft_size is not None and im.format == "JPEG":
-            want = draft_size if orientation < 5 else (draft_size[1], draft_size[0])
-            im.draft("RGB", (max(1, int(want[0])), max(1, int(want[1]))))
-        _load(im, path)
-        out = _to_rgb_or_rgba(im, alpha=alpha)
+        return _decode_pillow(im, path, alpha=alpha, draft_size=draft_size, orientation=orientation)
+
+
+def _decode_pillow(
+    im: Image.Image,
+    path: str | os.PathLike[str],
+    *,
+    alpha: bool,
+    draft_size: tuple[int, int] | None,
+    orientation: int,
+) -> Image.Image:
+    """Pillow's decode of an opened file: draft (JPEG), load, RGB or RGBA, upright."""
+    if draft_size is not None and im.format == "JPEG":
+        want = draft_size if orientation < 5 else (draft_size[1], draft_size[0])
+        im.draft("RGB", (max(1, int(want[0])), max(1, int(want[1]))))
+    _load(im, path)
+    out = _to_rgb_or_rgba(im, alpha=alpha)
     if orientation in _ORIENTATION_TRANSPOSE:
         out = out.transpose(_ORIENTATION_TRANSPOSE[orientation])
     return out
+
+
+def fast_jpeg_decoder() -> str:
+    """Name the JPEG decoder `decode_scaled` uses: ``"simplejpeg X.Y"`` or ``"pillow"`` (fallback)."""
+    if _turbo is None:
+        return "pillow"
+    return f"simplejpeg {getattr(_turbo, '__version__', '?')}"
+
+
+def decode_scaled(
+    path: str | os.PathLike[str],
+    *,
+    size_wh: tuple[int, int],
+    alpha: bool = False,
+    exif: bool = True,
+    expect_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Decode for a resize to ``size_wh``: a ``uint8`` ``(H, W, 3|4)`` array, JPEGs at a reduced scale.
+
+    The fast per-image path (issue #11). A JPEG in colour (YCbCr or RGB) or greyscale is decoded by
+    libjpeg-turbo through simplejpeg at the smallest DCT scale of 1/8, 1/4 or 1/2 that keeps both
+    sides at least ``size_wh`` (upright, as from `read_image_size`); only these three scales have
+    SIMD inverse DCTs, the 3/8 to 7/8 ones decode slower than full size. Everything else (PNG, WebP,
+    CMYK JPEGs, 16-bit, palette) and every JPEG that simplejpeg rejects, or all JPEGs when simplejpeg
+    is not installed, goes through `open_image` with ``draft_size``, so modes, alpha, EXIF
+    orientation and the reasons for bad files are exactly those of `decode_image`. A greyscale JPEG
+    is replicated to three channels, and with ``alpha`` a JPEG gets an opaque alpha channel, as
+    Pillow's conversions do.
+
+    The result may be read-only (a view of Pillow's buffer); `resize_crop` copies it.
+    ``expect_size`` is checked as `open_image` checks it, before any pixel is decoded.
+
+    Raises:
+        ImageProblem: The file cannot be decoded; ``reason`` says why.
+    """
+    with _open_file(path) as fp:
+        im = _open_pillow(fp, path)
+        if expect_size is not None:
+            _check_size(_upright_size(im, path, exif=exif), expect_size, path)
+        orientation = _orientation(im) if exif else 1
+        want = size_wh if orientation < 5 else (size_wh[1], size_wh[0])
+        if _turbo is not None and im.format == "JPEG" and im.mode in ("RGB", "L"):
+            fp.seek(0)
+            pixels = _decode_turbo(fp.read(), im.size, want, alpha=alpha)
+            if pixels is not None:
+                if orientation in _ORIENTATION_TRANSPOSE:
+                    upright = Image.fromarray(pixels).transpose(_ORIENTATION_TRANSPOSE[orientation])
+                    return np.asarray(upright)
+                return pixels
+        pil = _decode_pillow(im, path, alpha=alpha, draft_size=size_wh, orientation=orientation)
+    return np.asarray(pil)
+
+
+def _dct_scale(size_wh: tuple[int, int], want_wh: tuple[int, int]) -> int:
+    """The largest of 8, 4, 2 (else 1) that divides ``size_wh`` (rounding up) to at least ``want_wh``."""
+    for factor in (8, 4, 2):
+        if -(-size_wh[0] // factor) >= want_wh[0] and -(-size_wh[1] // factor) >= want_wh[1]:
+            return factor
+    return 1
+
+
+def _decode_turbo(
+    data: bytes, size_wh: tuple[int, int], want_wh: tuple[int, int], *, alpha: bool
+) -> np.ndarray | None:
+    """libjpeg-turbo at 1/`_dct_scale`; ``None`` when it refuses the data (Pillow then decides)."""
+    factor = _dct_scale(size_wh, want_wh)
+    # simplejpeg picks the smallest libjpeg scale whose output covers these minimums; asking for
+    # exactly ceil(side / factor) makes that 1/factor (libjpeg rounds scaled sides up too).
+    min_w, min_h = (-(-size_wh[0] // factor), -(-size_wh[1] // factor)) if factor > 1 else (0, 0)
+    try:
+        pixels: np.ndarray = _turbo.decode_jpeg(
+            data, colorspace="RGBA" if alpha else "RGB", min_width=min_w, min_height=min_h
+        )
+    except (ValueError, RuntimeError, OSError):
+        # strict libjpeg warnings (extraneous bytes, a cut-off scan) and real errors alike: Pillow
+        # accepts or rejects the file exactly as the rest of stoker does, with its reasons.
+        return None
+    if pixels.shape[1] != min_w and factor > 1 or pixels.shape[2] != (4 if alpha else 3):
+        return None  # not the scale asked for: an unexpected libjpeg; stay exact with Pillow
+    return pixels
 
 
 def decode_image(
@@ -413,6 +514,7 @@ def resize_crop(
     rng: np.random.Generator,
     interpolation: str | None = None,
     flip: bool = False,
+    fast: bool = False,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Resize to ``resized_wh``, crop to ``bucket_wh`` and optionally flip, as sd-scripts does.
 
@@ -436,6 +538,11 @@ def resize_crop(
         rng: Source of the crop offsets.
         interpolation: An sd-scripts ``resize_interpolation`` name or ``None`` (see `choose_filter`).
         flip: Mirror horizontally after cropping.
+        fast: Resize arrays with torch's antialiased ``interpolate`` where it stands in for the
+            filter (see `torch_filter`): about 4 ms instead of Pillow's 18 ms for a 1 MP result,
+            within 0.5/255 of Pillow's antialiased bilinear on photos. The result is then writable
+            but may be a view of the resized buffer (not C-contiguous). Pillow images, and the
+            filters torch does not have, take the Pillow path.
 
     Returns:
         The ``(bucket_h, bucket_w, C)`` array and the crop offset ``(top, left)`` in resized pixels.
@@ -453,6 +560,12 @@ def resize_crop(
         )
     left = _trim_offset(resized_w - bucket_w, random_crop, rng)
     top = _trim_offset(resized_h - bucket_h, random_crop, rng)
+    if fast and isinstance(img, np.ndarray) and img.shape[:2] != (resized_h, resized_w):
+        mode = torch_filter(interpolation, (img.shape[1], img.shape[0]), (resized_w, resized_h))
+        if mode is not None:
+            resized = _resize_torch(img, (resized_w, resized_h), mode)
+            out = resized[top : top + bucket_h, left : left + bucket_w]
+            return (out[:, ::-1] if flip else out), (top, left)
     pil = img if isinstance(img, Image.Image) else _to_pillow(img)
     if pil.size != (resized_w, resized_h):
         resample = choose_filter(interpolation, pil.size, (resized_w, resized_h))
@@ -461,6 +574,53 @@ def resize_crop(
     if flip:
         out = out[:, ::-1]
     return np.array(out, order="C"), (top, left)
+
+
+def torch_filter(
+    interpolation: str | None, src_wh: tuple[int, int], dst_wh: tuple[int, int]
+) -> str | None:
+    """The ``torch.nn.functional.interpolate`` mode that stands in for a filter, or ``None``.
+
+    sd-scripts' default (``None``) and ``area`` shrink with antialiased ``bilinear`` (area averaging
+    is a box filter; the antialiased triangle filter is at least as free of aliasing and measured
+    47 dB against OpenCV's ``INTER_AREA`` on photo-like images). An image that grows (sd-scripts'
+    ``lanczos``) uses ``bicubic``: 52 dB against Pillow's ``LANCZOS`` on the benchmark set, at a
+    fifth of its time. ``bilinear``/``linear`` and ``bicubic``/``cubic`` map to themselves.
+    ``lanczos``, ``box`` and ``nearest``, asked for by name, return ``None``: Pillow does them.
+    """
+    if interpolation is None or interpolation == "area":
+        grows = dst_wh[0] > src_wh[0] or dst_wh[1] > src_wh[1]
+        if interpolation == "area" and grows:
+            return "bilinear"  # as `choose_filter`: area that grows is bilinear
+        return "bicubic" if grows else "bilinear"
+    return {
+        "bilinear": "bilinear",
+        "linear": "bilinear",
+        "bicubic": "bicubic",
+        "cubic": "bicubic",
+    }.get(interpolation)
+
+
+def _resize_torch(img: np.ndarray, size_wh: tuple[int, int], mode: str) -> np.ndarray:
+    """Antialiased resize of a ``uint8`` ``(H, W, C)`` array with torch; a writable ``(h, w, C)`` array.
+
+    The array is handed to torch as a channels-last ``(1, C, H, W)`` view, the layout of torch's
+    vectorised ``uint8`` antialiased kernels (3 or 4 channels); the result stays channels-last, so
+    its numpy view is ``(h, w, C)`` again without a copy. Colour and alpha are resized alike
+    (straight alpha, as OpenCV does). The result is deterministic for any thread count: each output
+    pixel is one fixed weighted sum.
+    """
+    pixels = np.ascontiguousarray(img)
+    with warnings.catch_warnings():
+        # Pillow's buffers are read-only; torch only reads this one, so its warning does not apply.
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(pixels)
+    nchw = source.permute(2, 0, 1).unsqueeze(0)
+    out = torch.nn.functional.interpolate(
+        nchw, size=(size_wh[1], size_wh[0]), mode=mode, antialias=True, align_corners=False
+    )
+    hwc: np.ndarray = out[0].permute(1, 2, 0).numpy()
+    return hwc
 
 
 def _trim_offset(excess: int, random_crop: bool, rng: np.random.Generator) -> int:

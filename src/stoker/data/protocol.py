@@ -88,6 +88,16 @@ class BatchingDataset(Protocol):
         settings): the tuner's remembered choice is keyed on it."""
         ...
 
+    def for_workers(self) -> BatchingDataset:
+        """The dataset DataLoader workers run (``self`` when nothing changes): it may send its
+        batches in a cheaper form that `arrive` finishes, such as uint8 images for float ones."""
+        ...
+
+    def arrive(self, batch: Any) -> Any:
+        """Finish a batch in the main process, where the loop receives it (called by the loader
+        for every batch, with or without workers); the result is what the user gets."""
+        ...
+
     def sample_paths(self, batch: Sequence[Any]) -> list[str]:
         """The files behind one batch of its sampler, to name them in error messages."""
         ...

@@ -20,8 +20,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from stoker import torch_internals
+from stoker.autotune.driver import LiveTuning
 from stoker.data.protocol import BatchingDataset, ResumableBatchSampler
-from stoker.errors import Problem
+from stoker.data.sampler import AllRanksBatchSampler
+from stoker.errors import InputBoundWarning, Problem
 from stoker.loader.failures import explain_failure, stop_workers
 from stoker.monitor import (
     InputMonitor,
@@ -82,40 +84,79 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
     monitor: InputMonitor | None = None
     decode_problems: list[Any]
     _live: Any = None
+    _tuning: LiveTuning | None = None
+
+    @property
+    def rank_sampler(self) -> Any:
+        """What this loader iterates: this rank's batch sampler.
+
+        For stoker datasets ``batch_sampler`` yields every rank's batches
+        (``AllRanksBatchSampler``), so that ``accelerator.prepare(loader)``, which shards
+        ``batch_sampler`` again, keeps every sample; the loader itself takes this rank's share.
+        """
+        return getattr(self.batch_sampler, "rank_sampler", self.batch_sampler)
+
+    @property
+    def _index_sampler(self) -> Any:
+        # torch's DataLoader iterates (and takes len() of) _index_sampler: this rank's batches.
+        if isinstance(self.batch_sampler, AllRanksBatchSampler):
+            return self.batch_sampler.rank_sampler
+        return super()._index_sampler
 
     @property
     def resumable_sampler(self) -> ResumableBatchSampler | None:
-        """The batch sampler when it can say where it is (stoker datasets' samplers can)."""
-        sampler = self.batch_sampler
+        """This rank's batch sampler when it can say where it is (stoker datasets' can)."""
+        sampler = self.rank_sampler
         return sampler if isinstance(sampler, ResumableBatchSampler) else None
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator over torch's
+        _warn_if_ranks_disagree(self.rank_sampler)
         resumable = self.resumable_sampler
         consumed = resumable.mark_consumed if resumable is not None else None
+        # A batching dataset finishes its batches here, in the main process (uint8 -> float).
+        arrive = self.dataset.arrive if isinstance(self.dataset, BatchingDataset) else None
         monitor = self.monitor
-        inner = super().__iter__()
-        torch_internals.unwatch_worker_exits(inner)
-        # A weak reference: a loop that breaks early must not keep the workers alive.
-        self._live = weakref.ref(inner)
+        tuning = self._tuning  # live tuning (stoker.autotune): it switches workers between batches
+        if tuning is not None:
+            tuning.start_epoch()
+            if tuning.pending is not None:  # decided on the last epoch's last batch
+                tuning.switch(self, **_position(resumable, epoch_start=True), reposition=False)
+        timed = monitor is not None or tuning is not None
         clock = monitor.clock if monitor is not None else time.perf_counter
+        inner = self._start_workers()
         if monitor is not None:
             monitor.start_epoch()
         index = 0
+        asked = 0.0
+        switched = False
         try:
             while True:
-                asked = clock() if monitor is not None else 0.0
+                if timed and not switched:  # after a switch, the wait began before it
+                    asked = clock()
+                switched = False
                 try:
                     batch = next(inner)
                 except StopIteration:
-                    return
+                    if tuning is None or not tuning.draining or _epoch_done(resumable):
+                        return
+                    # Every batch asked for is handed out: continue with the new count.
+                    tuning.switch(self, **_position(resumable), reposition=True)
+                    inner = self._start_workers()
+                    switched = True
+                    continue
                 except (RuntimeError, ConnectionError, EOFError) as err:
                     raise explain_failure(err, inner, self, index) from err
-                if monitor is not None and monitor.record(asked, clock(), batch_samples(batch)):
+                if arrive is not None:  # the conversion is time the training loop waits too
+                    batch = arrive(batch)
+                got = clock() if timed else 0.0
+                if monitor is not None and monitor.record(asked, got, batch_samples(batch)):
                     self._warn_input_bound()
                 if isinstance(batch, dict) and batch.get("replaced"):
                     self._record_replaced(batch["replaced"], index)
                 if consumed is not None:
                     consumed()
+                if tuning is not None:
+                    tuning.observe(self, inner, asked, got, batch)
                 index += 1
                 if isinstance(batch, dict) and batch.get("empty"):
                     continue  # every file of the batch failed; they are reported above
@@ -123,6 +164,14 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
         except GeneratorExit:
             self._stop_early(inner)
             raise
+
+    def _start_workers(self) -> Any:
+        """Torch's iterator for this epoch (or the rest of it, after a live-tuning switch)."""
+        inner = super().__iter__()
+        torch_internals.unwatch_worker_exits(inner)
+        # A weak reference: a loop that breaks early must not keep the workers alive.
+        self._live = weakref.ref(inner)
+        return inner
 
     def _stop_early(self, inner: Any) -> None:
         """The loop left mid-epoch: stop non-forked workers only once they are idle.
@@ -155,8 +204,12 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
                 "this loader does not time its batches (made with monitor=False); "
                 "use make_loader(..., monitor=True), the default"
             )
+        tuning = self._tuning
         return self.monitor.stats(
-            workers=self.num_workers, decode_problems=tuple(self.decode_problems)
+            workers=self.num_workers,
+            decode_problems=tuple(self.decode_problems),
+            switches=tuple(tuning.switches) if tuning is not None else (),
+            tuning=tuning.reason if tuning is not None else None,
         )
 
     def worker_pids(self) -> list[int]:
@@ -174,11 +227,15 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
             workers=self.num_workers,
             max_workers=max_useful_workers(plan.budget),
             budget=f"{plan.budget.cpus} CPUs, {plan.budget.source}",
-            measured=plan.request.workers == "auto",
+            measured=plan.request.workers == "auto" or self._tuning is not None,
             output=batching.output if batching is not None else None,
             fast_decode=batching.fast_decode if batching is not None else None,
         )
-        warn(input_bound_message(stats, self.monitor, advice), once=False)
+        warn(
+            input_bound_message(stats, self.monitor, advice),
+            once=False,
+            category=InputBoundWarning,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Where this loader is in its epochs (JSON-able); see the class docstring."""
@@ -241,6 +298,7 @@ def build_loader(
     even_batches: Literal["pad", "drop"] = "pad",
     monitor: bool | InputMonitor = True,
     dataloader_kwargs: Mapping[str, Any] | None = None,
+    tuning: LiveTuning | None = None,
 ) -> StokerLoader:
     """The DataLoader for ``dataset`` with ``plan``'s settings: the one place stoker makes one.
 
@@ -258,17 +316,20 @@ def build_loader(
         if dataset.seed != seed:
             dataset = dataset.with_seed(seed)
         if "batch_sampler" not in kwargs:
-            env_rank, env_world = distributed_from_env()
-            kwargs["batch_sampler"] = dataset.make_batch_sampler(
+            env_rank, env_world = distributed_ranks()
+            rank_sampler = dataset.make_batch_sampler(
                 seed=seed,
                 shuffle=shuffle,
                 rank=env_rank if rank is None else rank,
                 world_size=env_world if world_size is None else world_size,
                 even_batches=even_batches,
             )
+            kwargs["batch_sampler"] = AllRanksBatchSampler(rank_sampler)
             _tell_batch_size_ignored(batch_size, dataset)
         kwargs.setdefault("collate_fn", dataset.collate_fn)
         batch_size, shuffle = 1, False
+        if plan.num_workers > 0:
+            dataset = dataset.for_workers()  # e.g. float batches cross the queue as uint8
     loader = StokerLoader(
         dataset,
         batch_size=batch_size,
@@ -280,6 +341,7 @@ def build_loader(
     )
     loader.plan = plan
     loader.seed = seed
+    loader._tuning = tuning
     # A stoker dataset's list, shared, so dataset.decode_problems sees them too.
     loader.decode_problems = dataset.decode_problems if isinstance(dataset, BatchingDataset) else []
     if monitor is True:
@@ -287,6 +349,35 @@ def build_loader(
     elif isinstance(monitor, InputMonitor):
         loader.monitor = monitor
     return loader
+
+
+def distributed_ranks(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` of the running process group when there is one (Lightning starts
+    it before ``train_dataloader()``), else ``distributed_from_env``."""
+    group = _process_group() if environ is None else None
+    return group if group is not None else distributed_from_env(environ)
+
+
+def _process_group() -> tuple[int, int] | None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def _warn_if_ranks_disagree(sampler: Any) -> None:
+    """Warn once when the loader was sharded for other ranks than the running process group."""
+    group = _process_group()
+    mine = (getattr(sampler, "rank", None), getattr(sampler, "world_size", None))
+    if group is None or mine[1] is None or mine == group:
+        return
+    warn(
+        f"this loader was made for rank {mine[0]} of {mine[1]}, but torch.distributed runs "
+        f"rank {group[0]} of {group[1]}, so ranks will load overlapping or missing data. Make "
+        "the loader after the process group starts (with Lightning: in train_dataloader()), "
+        "or pass make_loader(..., rank=, world_size=)"
+    )
 
 
 def _tell_batch_size_ignored(batch_size: int | None, dataset: BatchingDataset) -> None:
@@ -306,3 +397,16 @@ def _tell_batch_size_ignored(batch_size: int | None, dataset: BatchingDataset) -
             )
         ]
     )
+
+
+def _position(sampler: Any, *, epoch_start: bool = False) -> dict[str, int]:
+    """Where the run is, for a live-tuning switch's record: the epoch and its batches handed out."""
+    state = sampler.state_dict()
+    done = 0 if epoch_start else int(state["batches_done"])
+    return {"epoch": int(state["epoch"]), "batch_in_epoch": done}
+
+
+def _epoch_done(sampler: Any) -> bool:
+    """Whether the epoch in progress is finished: its sampler reports the next one's start (at
+    least one batch of it was handed out, or no switch would be under way)."""
+    return int(sampler.state_dict()["batches_done"]) == 0

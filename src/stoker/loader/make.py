@@ -7,16 +7,25 @@ factory this module hands it (so tune never imports the loader), ``loader.build`
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
+import numpy as np
+
+from stoker.autotune.driver import measurements_of
+from stoker.autotune.edges import start_live, tunes_live
+from stoker.autotune.offline import run_without_training
 from stoker.data.protocol import BatchingDataset
 from stoker.loader.build import StokerLoader, build_loader
 from stoker.monitor import InputMonitor
-from stoker.plan import DATALOADER_NAMES, LoaderPlan, LoaderRequest
+from stoker.plan import DATALOADER_NAMES, LoaderPlan, LoaderRequest, MeasuredChoice
 from stoker.planning import plan_request, resolve_budget
 from stoker.system.cpu import Budget
+from stoker.system.memory import memory_budget
 from stoker.tune import LoaderFactory, TuneResult, tune
+from stoker.tune.rules import PREFETCH_DEFAULT, check_consumer_rate
+from stoker.warn import tell
 
 __all__ = ["make_loader", "tune_loader"]
 
@@ -87,11 +96,26 @@ def make_loader(
         timeout=timeout,
         start_method=settings["start_method"],
     )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise ValueError(f"seed={seed!r} is not valid: use a whole number (e.g. seed=42) or None")
     if seed is None:
         seed = dataset.seed if isinstance(dataset, BatchingDataset) else secrets.randbits(63)
+    seed = int(seed)
     measured = None
-    if "auto" in (request.workers, request.prefetch_factor) and hasattr(dataset, "__len__"):
-        budget = resolve_budget(budget)
+    live = None
+    budget = resolve_budget(budget)
+    if tunes_live(request, dataset, budget, dataloader_kwargs):
+        # --- live tuning (stoker.autotune): start from a remembered or the budget's count ---
+        live_budget = budget
+        live = start_live(
+            dataset,
+            request,
+            live_budget,
+            batch_size=batch_size,
+            plan_for=lambda fixed: plan_request(fixed, budget=live_budget, warn=False),
+        )
+        tell(live.plan.adjustments)
+    elif "auto" in (request.workers, request.prefetch_factor) and hasattr(dataset, "__len__"):
         result = tune_loader(
             dataset,
             request=request,
@@ -102,7 +126,9 @@ def make_loader(
             loader_kwargs=dataloader_kwargs,
         )
         measured = result.choice
-    plan = plan_request(request, budget=budget, measured=measured)
+    plan = (
+        live.plan if live is not None else plan_request(request, budget=budget, measured=measured)
+    )
     return build_loader(
         dataset,
         plan,
@@ -114,6 +140,7 @@ def make_loader(
         even_batches=even_batches,
         monitor=monitor,
         dataloader_kwargs=dataloader_kwargs,
+        tuning=live.tuning if live is not None else None,
     )
 
 
@@ -129,8 +156,68 @@ def tune_loader(
     loaders built by ``build_loader`` (unmonitored, over the probe's batches, with
     ``loader_kwargs`` such as ``collate_fn``). ``options`` are ``stoker.tune.tune``'s
     (``request``, ``batch_size``, ``budget``, ``consumer_rate``, ``cache``, ``clock``, ...)."""
+    request = options.get("request") or LoaderRequest(workers="auto")
+    budget = resolve_budget(options.get("budget"))
+    if loader_factory is None and tunes_live(request, dataset, budget, loader_kwargs or {}):
+        return _tune_live(dataset, request, budget, seed, loader_kwargs or {}, **options)
     factory = loader_factory or _probe_factory(dataset, seed, loader_kwargs or {})
     return tune(dataset, loader_factory=factory, seed=seed, **options)
+
+
+# --- live tuning (stoker.autotune): a stoker dataset is tuned by running its loader ---------------
+
+
+def _tune_live(
+    dataset: Any,
+    request: LoaderRequest,
+    budget: Budget,
+    seed: int,
+    loader_kwargs: Mapping[str, Any],
+    **options: Any,
+) -> TuneResult:
+    """``tune_loader`` for a dataset the loader tunes live: the same loader and rules, over up to
+    two epochs, with no consumer (or one that sleeps ``1 / consumer_rate`` s per batch)."""
+    consumer_rate = options.get("consumer_rate")
+    check_consumer_rate(consumer_rate)
+    clock = options.get("clock") or time.perf_counter
+    began = clock()
+    loader = make_loader(
+        dataset,
+        workers="auto",
+        persistent=request.persistent,
+        pin_memory=request.pin_memory,
+        timeout=request.timeout,
+        start_method=request.start_method,
+        seed=seed,
+        budget=budget,
+        monitor=False,
+        **{k: v for k, v in loader_kwargs.items() if k != "batch_sampler"},
+    )
+    tuning = loader._tuning
+    assert tuning is not None  # tunes_live() said the loader would have one
+    if not options.get("cache", True):
+        tuning.tuner.remembered, tuning.remember, tuning.cache_path = None, None, None
+    run = run_without_training(loader, consumer_rate=consumer_rate, clock=clock)
+    decision = run.decision
+    choice = MeasuredChoice(
+        workers=decision.workers,
+        prefetch_factor=None,
+        reason=decision.reason if run.settled else f"{decision.reason} ({run.stopped})",
+        measurements=measurements_of(decision, PREFETCH_DEFAULT),
+    )
+    return TuneResult(
+        choice=choice,
+        plan=plan_request(request, budget=budget, warn=False, measured=choice),
+        memory=memory_budget(),
+        worker_memory_bytes=None,
+        max_workers_by_memory=None,
+        probe_seconds=run.seconds,
+        seconds=clock() - began,
+        time_limit_seconds=run.max_seconds,
+        consumer_rate=consumer_rate,
+        cached=decision.reason.startswith("remembered"),
+        cache_path=tuning.cache_path,
+    )
 
 
 def _probe_factory(dataset: Any, seed: int, loader_kwargs: Mapping[str, Any]) -> LoaderFactory:

@@ -1,0 +1,75 @@
+"""Tune the worker count on the training run itself, while it trains (``workers="auto"``).
+
+stoker's batches do not depend on the worker count (every random choice is keyed on seed, epoch
+and position) and the loader resumes exactly with another count, so the count can change between
+two batches without changing a single batch. The loader times each batch (the **wait**: the
+training loop blocked in ``next()``; the **step**: the loop's own work until it asks again; the
+same two figures the input-bound monitor uses), and ``LiveTuner`` groups them into a window per
+worker count. There is no separate probe pass and no batch is thrown away: every batch timed is a
+batch trained on.
+
+**A window** starts after the first round of batches of a worker start (one batch per worker: it
+pays for the start and arrives as a burst) and closes after at least ``MIN_BATCHES`` batches,
+``MIN_ROUNDS`` whole rounds and ``MIN_SECONDS`` of wall time. Rates are compared in samples per
+second. A decision on less says so ("too little evidence at 2 workers so far (5 of 12 batches)")
+and keeps measuring.
+
+**The rules** (``rules.decide``), over the counts measured so far on this run:
+
+- **The training loop keeps up** with a count when it waited at most ``KEEP_UP_WAIT`` (5%) of its
+  time: the consumer is the bottleneck. Take the fewest workers that keep up, since each worker
+  costs RAM and start-up, after measuring the count just below it: the reason then reads
+  "1 worker is the fewest that keeps up ...; 0 workers did not".
+- **The loader is the bottleneck** when no measured count keeps up. Take the best rate, after
+  measuring the counts just above and below it; of counts within ``SAME_RATE`` (3%) of the best,
+  the fewest. Before it settles, every count within ``CONTENDER`` (15%) of the best is measured
+  in ``CONFIRM_WINDOWS`` (2) windows at different times, merged: on a shared machine one short
+  window can be off by more than the difference between two counts.
+- Counts never measured are never compared: each reason lists exactly the counts measured, with
+  batches/s, the wait and the number of batches.
+
+**Settled** once the comparison is made. The count then stays; its windows are still watched, and
+only when the training loop clearly changed (a count chosen to keep up now waits more than
+``REOPEN_WAIT``, the monitor's 20%, or a loader-bound count now keeps up) is the search run again,
+at most ``MAX_REOPENINGS`` times.
+
+**Where it starts.** Candidates are ``stoker.tune.candidate_workers(budget)`` (0 .. the CPU
+budget; 1-CPU budgets have nothing to compare). The start is the choice remembered from an earlier
+run on the same dataset, budget and versions (cached like ``stoker tune``'s), which is then
+checked live: when its first window agrees with what was remembered, it settles at once.
+Without one it starts from the most workers the budget runs, at most 8: on 2 CPUs with a consumer
+that does nothing, the budget minus one (1 worker) was the worst count measured (issue 13), and a
+slow consumer only costs the switches down.
+"""
+
+from __future__ import annotations
+
+from stoker.autotune.live import MAX_REOPENINGS, LiveTuner, Remembered
+from stoker.autotune.rules import (
+    CONFIRM_WINDOWS,
+    CONTENDER,
+    KEEP_UP_WAIT,
+    REOPEN_WAIT,
+    SAME_RATE,
+    Decision,
+    Evidence,
+    Switch,
+    Window,
+    decide,
+)
+
+__all__ = [
+    "CONFIRM_WINDOWS",
+    "CONTENDER",
+    "KEEP_UP_WAIT",
+    "MAX_REOPENINGS",
+    "REOPEN_WAIT",
+    "SAME_RATE",
+    "Decision",
+    "Evidence",
+    "LiveTuner",
+    "Remembered",
+    "Switch",
+    "Window",
+    "decide",
+]

@@ -1,0 +1,223 @@
+"""Run the live tuner on a loader: time its batches, switch the worker count exactly, remember.
+
+``LiveTuning`` is what a ``StokerLoader`` made with ``workers="auto"`` (or no worker count) holds.
+The loader hands it the clock readings around each ``next()`` (the same ones the input-bound
+monitor records); when a decision says switch, the loader stops asking its workers for more
+batches, hands out the ones already asked for, and calls ``switch``, which gives the loader the new
+count and continues the sampler from the batch after the last one handed out: the exact resume the
+loader already has, so no batch is lost, repeated or thrown away. A decision taken on an epoch's
+last batch waits for the next epoch's start. Rules: ``stoker.autotune``.
+
+Nothing here imports the loader: the planner is passed in as ``plan_for``, and the cache and the
+memory reading as callables, so the arrows stay ``plan -> autotune -> loader``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from stoker.autotune.live import LiveTuner
+from stoker.autotune.rules import Decision, Switch, Window
+from stoker.monitor import batch_samples
+from stoker.plan import Adjustment, LoaderPlan, LoaderRequest, Measurement
+from stoker.torch_internals import set_worker_settings, stop_asking
+
+__all__ = ["LiveTuning", "live_plan", "measurements_of"]
+
+logger = logging.getLogger("stoker")
+
+PlanFor = Callable[[LoaderRequest], LoaderPlan]
+"""Plans a request on the loader's budget without warning (``stoker.loader.plan_request``)."""
+MemoryCap = Callable[[Any], tuple[int, str] | None]
+"""``cap(loader)``: the most workers the memory allows and why, read from the running workers."""
+Remember = Callable[[Decision, bool], None]
+"""``remember(decision, keeps_up)``: store a settled choice for the next run."""
+
+
+def live_plan(
+    request: LoaderRequest, workers: int, decision: Decision, plan_for: PlanFor
+) -> LoaderPlan:
+    """The plan for ``workers`` under ``request`` (its other fields as asked), whose ``defaults``
+    say the count was tuned live and why."""
+    fixed = LoaderRequest(
+        workers=workers,
+        persistent=request.persistent,
+        prefetch_factor=None if request.prefetch_factor == "auto" else request.prefetch_factor,
+        pin_memory=request.pin_memory,
+        timeout=request.timeout,
+        start_method=request.start_method,
+    )
+    plan = plan_for(fixed)
+    note = Adjustment(
+        setting="workers",
+        requested=request.workers,
+        chosen=workers,
+        reason=f"tuned live on this run: {decision.reason}",
+        measurements=measurements_of(decision, plan.prefetch_factor or 2),
+    )
+    others = tuple(a for a in plan.defaults if a.setting != "workers")
+    return LoaderPlan(
+        num_workers=plan.num_workers,
+        persistent_workers=plan.persistent_workers,
+        prefetch_factor=plan.prefetch_factor,
+        pin_memory=plan.pin_memory,
+        timeout=plan.timeout,
+        multiprocessing_context=plan.multiprocessing_context,
+        adjustments=plan.adjustments,
+        defaults=(note, *others),
+        budget=plan.budget,
+        request=request,
+    )
+
+
+def measurements_of(decision: Decision, prefetch_factor: int) -> tuple[Measurement, ...]:
+    """The decision's windows as the ``Measurement`` records plans and ``stoker tune`` show."""
+    return tuple(_measurement(w, prefetch_factor) for w in decision.measured)
+
+
+def _measurement(window: Window, prefetch_factor: int) -> Measurement:
+    return Measurement(
+        workers=window.workers,
+        prefetch_factor=prefetch_factor if window.workers else None,
+        batches_per_second=window.batches_per_second,
+        samples_per_second=window.samples / window.seconds if window.seconds > 0 else 0.0,
+        batches=window.batches,
+        first_batch_seconds=0.0,
+        note=f"live: the training loop waited {window.wait_fraction:.0%}",
+    )
+
+
+@dataclass(slots=True)
+class _Clock:
+    """Wait and step from the readings around ``next()``, and the run's total so far."""
+
+    handed_out: float | None = None
+    seconds: float = 0.0
+    batches: int = 0
+
+    def split(self, asked: float, got: float) -> tuple[float, float]:
+        wait = max(got - asked, 0.0)
+        step = 0.0 if self.handed_out is None else max(asked - self.handed_out, 0.0)
+        self.handed_out = got
+        self.seconds += wait + step
+        self.batches += 1
+        return wait, step
+
+
+class LiveTuning:
+    """A loader's live tuner and its switches (see the module docstring).
+
+    Args:
+        tuner: the rules' state.
+        request: what the user asked for (its ``workers`` is ``"auto"`` or ``None``).
+        plan_for: plans a fixed request on the loader's budget.
+        remember: stores a settled choice (``None``: not cached).
+        memory_cap: reads how many workers fit in memory (``None``: not checked).
+        cache_path: the file ``remember`` writes (for reports).
+    """
+
+    def __init__(
+        self,
+        *,
+        tuner: LiveTuner,
+        request: LoaderRequest,
+        plan_for: PlanFor,
+        remember: Remember | None = None,
+        memory_cap: MemoryCap | None = None,
+        cache_path: str | None = None,
+    ) -> None:
+        self.tuner = tuner
+        self.request = request
+        self.plan_for = plan_for
+        self.remember = remember
+        self.memory_cap = memory_cap
+        self.cache_path = cache_path
+        self.switches: list[Switch] = []
+        self.pending: Decision | None = None
+        self.draining = False
+        self._clock = _Clock()
+        self._memory_checked: set[int] = set()
+
+    @property
+    def reason(self) -> str:
+        """The latest decision's reason."""
+        return self.tuner.decision.reason
+
+    def start_epoch(self) -> None:
+        """A new iteration began: no step precedes its first batch."""
+        self._clock.handed_out = None
+
+    def observe(self, loader: Any, inner: Any, asked: float, got: float, batch: object) -> None:
+        """Time one batch handed out; on a switch decision, stop ``inner`` asking for more."""
+        wait, step = self._clock.split(asked, got)
+        if self.draining or self.pending is not None:
+            return  # batches asked for before the switch: the old count's, not timed
+        decision = self.tuner.observe(wait, step, batch_samples(batch))
+        if decision is not None:
+            decision = self._check_memory(loader) or decision
+        if decision is None:
+            return
+        if decision.settled and self.remember is not None:
+            self.remember(decision, self.tuner.windows[decision.workers].keeps_up)
+        if decision.switch and decision.workers != loader.num_workers:
+            self.pending = decision
+            self.draining = True
+            stop_asking(inner)
+
+    def _check_memory(self, loader: Any) -> Decision | None:
+        count = self.tuner.current
+        if self.memory_cap is None or count == 0 or count in self._memory_checked:
+            return None
+        self._memory_checked.add(count)
+        found = self.memory_cap(loader)
+        return None if found is None else self.tuner.limit(*found)
+
+    def switch(self, loader: Any, *, epoch: int, batch_in_epoch: int, reposition: bool) -> None:
+        """Apply the pending decision to ``loader``.
+
+        Args:
+            loader: the ``StokerLoader``; its iterator has handed out every batch it asked for.
+            epoch, batch_in_epoch: where the run is, for the record.
+            reposition: mid-epoch: continue the sampler at the first batch not handed out.
+        """
+        decision = self.pending
+        self.pending, self.draining = None, False
+        if reposition:
+            # The iterator stopped early; the next one continues after the last batch handed out.
+            sampler = loader.resumable_sampler
+            sampler.load_state_dict(sampler.state_dict())
+        if decision is None or decision.workers == loader.num_workers:
+            return
+        plan = live_plan(self.request, decision.workers, decision, self.plan_for)
+        before = loader.num_workers
+        set_worker_settings(
+            loader,
+            num_workers=plan.num_workers,
+            prefetch_factor=plan.prefetch_factor,
+            persistent_workers=plan.persistent_workers,
+            timeout=plan.timeout,
+            multiprocessing_context=plan.multiprocessing_context,
+        )
+        loader.plan = plan
+        self.tuner.switched(plan.num_workers)
+        self.switches.append(
+            Switch(
+                batch=self._clock.batches,
+                epoch=epoch,
+                batch_in_epoch=batch_in_epoch,
+                seconds=self._clock.seconds,
+                from_workers=before,
+                to_workers=plan.num_workers,
+                reason=decision.reason,
+            )
+        )
+        logger.info(
+            "stoker switched workers from %d to %d at batch %d: %s",
+            before,
+            plan.num_workers,
+            self._clock.batches,
+            decision.reason,
+        )

@@ -1,0 +1,328 @@
+"""Pure rules for tuning the worker count live: measurements in, a decision with its reason out.
+
+No clock, no processes, no files: ``decide`` looks at what was measured for each worker count on
+the running loader and says whether to keep measuring, switch to another count, or settle.
+``LiveTuner`` (``stoker.autotune.live``) feeds it; the rules are documented in
+``stoker.autotune`` and tested with made-up tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+__all__ = [
+    "DEFAULT_EVIDENCE",
+    "KEEP_UP_WAIT",
+    "MIN_BATCHES",
+    "MIN_ROUNDS",
+    "MIN_SECONDS",
+    "REOPEN_WAIT",
+    "SAME_RATE",
+    "CONFIRM_WINDOWS",
+    "CONTENDER",
+    "Decision",
+    "Evidence",
+    "Switch",
+    "Window",
+    "decide",
+    "missing_evidence",
+    "neighbours",
+]
+
+# A count keeps up when the training loop waited at most this share of its time: a twentieth of
+# the monitor's threshold (0.2), so the count that is chosen has room before it starts to show.
+KEEP_UP_WAIT = 0.05
+# Once settled, a window that waited more than the monitor's threshold (or, settled on the best
+# throughput, one that now keeps up) means the consumer changed: measure again.
+REOPEN_WAIT = 0.20
+# Loader-bound: the fewest workers within 3% of the best measured rate. Rates of one count
+# measured twice on a shared 2-CPU machine differed by up to 3% (docs/tuning.md).
+SAME_RATE = 0.97
+# Loader-bound: counts within 15% of the best are contenders, and each is measured in at least
+# CONFIRM_WINDOWS windows at different times before the choice settles. On a shared 2-CPU machine
+# one 12-batch window came out 13% above its count's 10-epoch rate (docs/tuning.md).
+CONTENDER = 0.85
+CONFIRM_WINDOWS = 2
+MIN_BATCHES = 12
+MIN_ROUNDS = 3
+MIN_SECONDS = 0.5
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Evidence:
+    """How much a window must hold before it decides anything.
+
+    Attributes:
+        min_batches: batches timed (after the warm-up of a worker start).
+        min_rounds: whole rounds of one batch per worker (workers started together finish
+            together, so part of a round is a burst, not a rate).
+        min_seconds: wall time covered.
+    """
+
+    min_batches: int = MIN_BATCHES
+    min_rounds: int = MIN_ROUNDS
+    min_seconds: float = MIN_SECONDS
+
+
+DEFAULT_EVIDENCE = Evidence()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Window:
+    """What the running loader delivered with one worker count.
+
+    Attributes:
+        workers: the worker count measured.
+        batches: batches timed.
+        samples: samples in them: the rates compared are samples per second. (Not source pixels:
+            at resolution 1024 a sample cost 0.33 s plus 0.02 s per source megapixel, so pixels
+            made a window of large images look fast; docs/tuning.md.)
+        windows: how many windows were merged into this one (measurements at different times).
+        wait_seconds: time the training loop spent blocked on these batches.
+        step_seconds: time the training loop spent on its own work between them.
+    """
+
+    workers: int
+    batches: int = 0
+    samples: int = 0
+    windows: int = 1
+    wait_seconds: float = 0.0
+    step_seconds: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        """Wall time: wait plus step."""
+        return self.wait_seconds + self.step_seconds
+
+    @property
+    def batches_per_second(self) -> float:
+        """What the training loop received (0.0 before any time passed)."""
+        return self.batches / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def samples_per_second(self) -> float:
+        """The rate compared between counts (see ``samples``)."""
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def wait_fraction(self) -> float:
+        """Share of the wall time the training loop waited (1.0 before any time passed)."""
+        return self.wait_seconds / self.seconds if self.seconds > 0 else 1.0
+
+    @property
+    def keeps_up(self) -> bool:
+        """Whether the training loop waited at most ``KEEP_UP_WAIT`` of its time."""
+        return self.batches > 0 and self.wait_fraction <= KEEP_UP_WAIT
+
+    def add(self, other: Window) -> Window:
+        """This window extended by ``other``'s batches (same count, one window)."""
+        return replace(
+            self,
+            batches=self.batches + other.batches,
+            samples=self.samples + other.samples,
+            wait_seconds=self.wait_seconds + other.wait_seconds,
+            step_seconds=self.step_seconds + other.step_seconds,
+        )
+
+    def merge(self, other: Window) -> Window:
+        """This window and a later one of the same count: ``windows`` counts both."""
+        return replace(self.add(other), windows=self.windows + other.windows)
+
+    def describe(self) -> str:
+        """``2 workers 41 batches/s, waited 97% (24 batches)``."""
+        return (
+            f"{_workers(self.workers)} {self.batches_per_second:.3g} batches/s, waited "
+            f"{self.wait_fraction:.0%} ({self.batches} batches)"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    """What to do next, and why.
+
+    Attributes:
+        workers: the count to run from now on (the current one unless ``switch``).
+        switch: change to ``workers`` now.
+        settled: the comparison is made; keep ``workers`` unless the consumer changes.
+        reason: one sentence naming every count measured and the rule applied.
+        measured: the windows behind it, fewest workers first.
+    """
+
+    workers: int
+    switch: bool
+    settled: bool
+    reason: str
+    measured: tuple[Window, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Switch:
+    """One change of the worker count while training ran.
+
+    Attributes:
+        batch: batches handed to the training loop before the switch (all epochs).
+        epoch: the epoch it happened in.
+        batch_in_epoch: the batches of that epoch already handed out (0: at the epoch's start).
+        seconds: time since the loader's first batch was asked for (wait plus step).
+        from_workers, to_workers: the counts.
+        reason: the decision's reason.
+    """
+
+    batch: int
+    epoch: int
+    batch_in_epoch: int
+    seconds: float
+    from_workers: int
+    to_workers: int
+    reason: str
+
+
+def missing_evidence(window: Window, evidence: Evidence = DEFAULT_EVIDENCE) -> str | None:
+    """What ``window`` still lacks before it can decide, in words; ``None`` when it is enough."""
+    round_size = max(window.workers, 1)
+    need = max(evidence.min_batches, evidence.min_rounds * round_size)
+    lacking = []
+    if window.batches < need:
+        lacking.append(f"{window.batches} of {need} batches")
+    if window.seconds < evidence.min_seconds:
+        lacking.append(f"{window.seconds:.2g} of {evidence.min_seconds:g} s")
+    if not lacking and window.batches % round_size:
+        lacking.append(f"a whole round of {round_size} batches")
+    if not lacking:
+        return None
+    return f"too little evidence at {_workers(window.workers)} so far ({', '.join(lacking)})"
+
+
+def neighbours(candidates: Sequence[int], workers: int) -> tuple[int | None, int | None]:
+    """The candidate counts just below and just above ``workers`` (``None`` where there is none)."""
+    below = [c for c in candidates if c < workers]
+    above = [c for c in candidates if c > workers]
+    return (max(below) if below else None, min(above) if above else None)
+
+
+def decide(
+    windows: Mapping[int, Window],
+    current: int,
+    candidates: Sequence[int],
+    *,
+    evidence: Evidence = DEFAULT_EVIDENCE,
+) -> Decision:
+    """The next step of the search, from the windows measured so far (one per count).
+
+    Rules (the ``stoker.autotune`` docstring tells them in full):
+
+    1. The current count's window lacks evidence: stay and keep measuring (the reason says so).
+    2. Some measured count keeps up with the training loop: take the fewest that does, after
+       measuring the candidate just below it (unless that is already measured or none exists).
+    3. None keeps up (the loader is the bottleneck): take the best rate, after measuring its
+       candidates just above and below; of counts within ``SAME_RATE`` of the best, the fewest.
+
+    Only counts in ``windows`` are compared, and the reason names each with its figures.
+
+    Args:
+        windows: per worker count, everything measured with it.
+        current: the count running now.
+        candidates: the counts allowed (CPU and memory budget), any order.
+        evidence: how much a window must hold.
+
+    Raises:
+        ValueError: ``current`` is not a candidate.
+    """
+    allowed = sorted(set(candidates))
+    if current not in allowed:
+        raise ValueError(f"the current count {current} is not among the candidates {allowed}")
+    measured = {k: w for k, w in windows.items() if k in allowed and w.batches > 0}
+    table = tuple(measured[k] for k in sorted(measured))
+    lacking = missing_evidence(measured.get(current, Window(workers=current)), evidence)
+    if lacking is not None:
+        return Decision(
+            workers=current,
+            switch=False,
+            settled=False,
+            reason=lacking + "; measuring",
+            measured=table,
+        )
+    solid = {k: w for k, w in measured.items() if missing_evidence(w, evidence) is None}
+    keepers = sorted(k for k, w in solid.items() if w.keeps_up)
+    if keepers:
+        decision = _fewest_that_keep_up(solid, keepers[0], allowed, table)
+    else:
+        decision = _best_rate(solid, allowed, table)
+    # Settling on a count other than the one running is a switch too.
+    return replace(decision, switch=decision.workers != current)
+
+
+def _fewest_that_keep_up(
+    solid: Mapping[int, Window], fewest: int, allowed: Sequence[int], table: tuple[Window, ...]
+) -> Decision:
+    below, _ = neighbours(allowed, fewest)
+    summary = _summary(table)
+    if below is not None and below not in solid:
+        return Decision(
+            workers=below,
+            switch=True,
+            settled=False,
+            reason=f"measured {summary}: {_workers(fewest)} keep up with the training loop "
+            f"(waited at most {KEEP_UP_WAIT:.0%}); trying {below}, fewer may too",
+            measured=table,
+        )
+    why = (
+        f"measured {summary}: {_workers(fewest)} is the fewest that keeps up with the training "
+        f"loop (waited at most {KEEP_UP_WAIT:.0%})"
+    )
+    if below is not None:
+        why += f"; {_workers(below)} did not"
+    return Decision(workers=fewest, switch=False, settled=True, reason=why, measured=table)
+
+
+def _best_rate(
+    solid: Mapping[int, Window], allowed: Sequence[int], table: tuple[Window, ...]
+) -> Decision:
+    best = max(solid, key=lambda k: solid[k].samples_per_second)
+    top = solid[best].samples_per_second
+    pick = min(k for k, w in solid.items() if w.samples_per_second >= SAME_RATE * top)
+    summary = _summary(table)
+    for edge, side in (
+        (neighbours(allowed, best)[1], "more"),
+        (neighbours(allowed, pick)[0], "fewer"),
+    ):
+        if edge is not None and edge not in solid:
+            return Decision(
+                workers=edge,
+                switch=True,
+                settled=False,
+                reason=f"measured {summary}: the training loop waits for data, "
+                f"{_workers(best)} is the fastest so far; trying {edge} ({side})",
+                measured=table,
+            )
+    contenders = [k for k, w in solid.items() if w.samples_per_second >= CONTENDER * top]
+    unconfirmed = [k for k in contenders if solid[k].windows < CONFIRM_WINDOWS]
+    if unconfirmed:
+        # the pick first: it is where the loader goes next anyway
+        again = pick if pick in unconfirmed else unconfirmed[0]
+        return Decision(
+            workers=again,
+            switch=True,
+            settled=False,
+            reason=f"measured {summary}: counts within {1 - CONTENDER:.0%} of the best are "
+            f"measured twice before the choice settles; measuring {again} again",
+            measured=table,
+        )
+    why = f"measured {summary}: the training loop waits for data with every count measured; "
+    if pick == best:
+        why += f"{_workers(best)} delivers the most"
+    else:
+        why += (
+            f"{_workers(pick)} is the fewest within {1 - SAME_RATE:.0%} of the best "
+            f"({_workers(best)})"
+        )
+    return Decision(workers=pick, switch=False, settled=True, reason=why, measured=table)
+
+
+def _summary(table: Sequence[Window]) -> str:
+    return "; ".join(w.describe() for w in table) if table else "nothing"
+
+
+def _workers(count: int) -> str:
+    return f"{count} worker{'' if count == 1 else 's'}"

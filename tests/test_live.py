@@ -1,0 +1,169 @@
+"""Live tuning on real loaders: switches mid-epoch and at epoch boundaries leave every batch as a
+fixed-count run's, resume exactly, and show in ``stats()``; the remembered choice is reused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import stoker
+from conformance import _fingerprint, assert_deterministic_and_resumable, run_epochs
+from stoker import load_dataset, make_loader
+from stoker.autotune import Decision, LiveTuner
+from stoker.autotune.driver import LiveTuning, live_plan
+from stoker.data.synthetic import write_sample_dataset
+from stoker.planning import plan_request
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    # small, so a run of several epochs takes a second or two on a busy 2-CPU machine
+    sample = write_sample_dataset(tmp_path / "s", images=8, resolution=256)
+    text = sample.config.read_text().replace(
+        "shuffle_caption = true", "shuffle_caption = true\nflip_aug = true\nrandom_crop = true"
+    )
+    text = text.replace("num_repeats = 10", "num_repeats = 2")
+    sample.config.write_text(text)
+    return load_dataset(sample.config)
+
+
+class Scripted(LiveTuner):
+    """Switches where a script says, whatever the timings: ``{(epoch, batches_done): workers}``,
+    checked after each batch handed out (``(e, len)`` is an epoch's last batch)."""
+
+    def __init__(self, loader, script: dict[tuple[int, int], int], start: int) -> None:
+        super().__init__(start=start, candidates=[0, 1, 2])
+        self.loader, self.script = loader, dict(script)
+
+    def observe(self, wait_seconds, step_seconds, work, **_):
+        sampler = self.loader.rank_sampler
+        epoch, done = sampler._current, sampler._consumed
+        to = self.script.pop((epoch, done), None)
+        if to is None:
+            return None
+        self.decision = Decision(
+            workers=to, switch=True, settled=False, reason=f"scripted at {epoch}:{done}"
+        )
+        return self.decision
+
+
+def scripted_loader(ds, script, *, seed, start):
+    """A loader that starts with ``start`` workers and switches as ``script`` says."""
+    loader = make_loader(ds, seed=seed, shuffle=True, workers=start, budget=2)
+    request = stoker.LoaderRequest(workers="auto")
+    tuner = Scripted(loader, script, start)
+    plan_for = lambda fixed: plan_request(fixed, budget=2, warn=False)  # noqa: E731
+    loader._tuning = LiveTuning(tuner=tuner, request=request, plan_for=plan_for)
+    loader.plan = live_plan(request, start, tuner.decision, plan_for)
+    return loader
+
+
+def scripts(per_epoch):
+    return {
+        # mid-epoch both ways, then at the boundary (decided on epoch 0's last batch)
+        "mid": ({(0, 3): 2, (0, 7): 0, (1, 2): 1}, 1),
+        "boundary": ({(0, per_epoch): 2, (1, per_epoch): 0}, 1),
+        # right after a switch, before the first window: switch again
+        "twice": ({(0, 1): 2, (0, 2): 1, (1, 4): 0}, 0),
+    }
+
+
+@pytest.mark.slow
+def test_switching_runs_give_the_fixed_count_batches_and_resume_exactly(dataset):
+    per_epoch = len(make_loader(dataset, seed=0, workers=0, budget=2))
+    table = scripts(per_epoch)
+
+    def build(*, seed, workers):
+        if isinstance(workers, str):
+            script, start = table[workers]
+            return scripted_loader(dataset, script, seed=seed, start=start)
+        return make_loader(dataset, seed=seed, shuffle=True, workers=workers, budget=2)
+
+    assert_deterministic_and_resumable(
+        build, seed=5, midpoint=per_epoch + 3, workers=(0, "mid", "boundary", "twice")
+    )
+
+
+@pytest.mark.slow
+def test_switches_happen_and_show_in_stats(dataset):
+    per_epoch = len(make_loader(dataset, seed=0, workers=0, budget=2))
+    script, start = scripts(per_epoch)["mid"]
+    loader = scripted_loader(dataset, script, seed=3, start=start)
+    reference = run_epochs(make_loader(dataset, seed=3, shuffle=True, workers=0, budget=2), 2)
+    got, counts = [], []
+    for _ in range(2):
+        for batch in loader:
+            got.append(_fingerprint(batch))
+            counts.append(loader.num_workers)
+    assert got == reference
+    switches = loader.stats().switches
+    assert [(s.from_workers, s.to_workers) for s in switches] == [(1, 2), (2, 0), (0, 1)]
+    # a switch takes effect after the batches already asked for: never before it was decided
+    assert [(s.epoch, s.batch_in_epoch) for s in switches][0][0] == 0
+    assert switches[0].batch_in_epoch >= 3 and switches[0].reason == "scripted at 0:3"
+    assert set(counts) == {0, 1, 2}
+    assert loader.plan.num_workers == loader.num_workers == 1
+    assert "tuned live" in loader.plan.defaults[0].reason
+
+
+@pytest.mark.slow
+def test_state_dict_in_the_middle_of_a_switch_resumes_exactly(dataset):
+    per_epoch = len(make_loader(dataset, seed=0, workers=0, budget=2))
+    reference = run_epochs(make_loader(dataset, seed=9, shuffle=True, workers=0, budget=2), 2)
+    # the switch to 2 is decided at batch 3 while 1 worker has batches 4 and 5 asked for:
+    # stop at every batch around it, save, and resume with a fixed count.
+    for stop in range(2, 8):
+        loader = scripted_loader(dataset, {(0, 3): 2}, seed=9, start=1)
+        got = []
+        for batch in loader:
+            got.append(_fingerprint(batch))
+            if len(got) == stop:
+                break
+        state = json.loads(json.dumps(loader.state_dict()))
+        resumed = make_loader(dataset, seed=9, shuffle=True, workers=0, budget=2)
+        resumed.load_state_dict(state)
+        got += run_epochs(resumed, 2 - stop // per_epoch)
+        assert got == reference, stop
+
+
+@pytest.mark.slow
+def test_auto_tunes_live_and_remembers(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("STOKER_CACHE_DIR", str(tmp_path / "cache"))
+    loader = make_loader(dataset, seed=1, shuffle=True, workers="auto", budget=2)
+    assert loader.num_workers == 2 and loader._tuning is not None
+    assert "started with 2 workers, the most this budget runs" in loader.plan.defaults[0].reason
+    # 12 epochs of 12 batches: room for up to 5 windows of 12 batches and their switches
+    reference = run_epochs(make_loader(dataset, seed=1, shuffle=True, workers=0, budget=2), 12)
+    assert run_epochs(loader, 12) == reference
+    stats = loader.stats()
+    assert stats.tuning is not None and stats.batches == len(reference)
+    if not loader._tuning.tuner.settled:
+        pytest.skip(f"the machine was too slow to settle in 12 short epochs: {stats.tuning}")
+    files = list((tmp_path / "cache" / "tune").glob("*.json"))
+    assert len(files) == 1
+    record = json.loads(files[0].read_text())
+    assert record["live"]["workers"] == loader._tuning.tuner.decision.workers
+    again = make_loader(dataset, seed=1, shuffle=True, workers="auto", budget=2)
+    assert again.num_workers == record["live"]["workers"]
+    assert "remembered" in again.plan.defaults[0].reason
+
+
+def test_an_explicit_count_is_never_tuned(dataset):
+    loader = make_loader(dataset, seed=1, workers=1, budget=2)
+    assert (
+        loader._tuning is None and loader.stats().switches == () and loader.stats().tuning is None
+    )
+
+
+def test_one_cpu_is_not_tuned_live(dataset):
+    loader = make_loader(dataset, seed=1, budget=1)
+    assert loader._tuning is None and loader.num_workers == 0
+
+
+def test_default_workers_tune_live(dataset):
+    loader = make_loader(dataset, seed=1, budget=2)
+    assert loader._tuning is not None and loader.num_workers == 2
+    assert loader.plan.request.workers is None
+    assert torch.is_tensor(next(iter(make_loader(dataset, seed=1, workers=0, budget=1)))["images"])
