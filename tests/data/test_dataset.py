@@ -304,7 +304,9 @@ def test_every_source_conforms_deterministic_and_resumable(kind, augmented, tmp_
     if kind == "toml":
         dataset = augmented
     else:
-        sample = write_sample_dataset(tmp_path / "s", images=10)
+        # Its own folder: the augmented fixture's "s" holds an edited dataset.toml, which the
+        # sample writer refuses to overwrite.
+        sample = write_sample_dataset(tmp_path / "plain", images=10)
         dataset = _augmented_source(sample, kind, tmp_path)
 
     def build(*, seed, workers):
