@@ -36,14 +36,20 @@ class Case:
     run: Callable[[Path], list[Problem]]
     expect: str
     match: str = ""
+    warns: str = ""  # a fragment one of the warnings must hold
 
 
 CASES: dict[str, Case] = {}
 
 
-def case(expect: str, match: str = "", run: Callable[[Path], list[Problem]] | None = None) -> Any:
+def case(
+    expect: str,
+    match: str = "",
+    run: Callable[[Path], list[Problem]] | None = None,
+    warns: str = "",
+) -> Any:
     def register(build: Callable[[Path], None]) -> Callable[[Path], None]:
-        CASES[build.__name__] = Case(build, run or load_only, expect, match)
+        CASES[build.__name__] = Case(build, run or load_only, expect, match, warns)
         return build
 
     return register
@@ -304,7 +310,7 @@ def _victim_unchanged(folder: Path) -> list[Problem]:
     return problems
 
 
-@case("works", run=_victim_unchanged)
+@case("works", run=_victim_unchanged, warns="stoker never reads or writes through one")
 def scan_cache_symlink_planted(folder: Path) -> None:
     sub = good(folder)
     victim = folder / "victim.txt"
@@ -335,10 +341,21 @@ for _name, _content in {
 }.items():
     _build = _corrupt_cache(_content)
     _build.__name__ = _name
-    CASES[_name] = Case(_build, load_with_cache, "works")
+    CASES[_name] = Case(_build, load_with_cache, "works", warns="ignored the scan cache")
 
 
-@case("works", run=lambda folder: _fifo_cache(folder))
+@case("works", run=load_with_cache, warns="could not write the scan cache")
+def scan_cache_cannot_be_written(folder: Path) -> None:
+    sub = good(folder)
+    (sub / _CACHE).mkdir()  # the name is taken by a folder: no file can be written there
+
+
+@case("skip:missing_image", match="no image file was found", run=load_metadata_source)
+def metadata_key_without_image(folder: Path) -> None:
+    _metadata(folder, {"ghost": {"caption": "x"}})
+
+
+@case("works", run=lambda folder: _fifo_cache(folder), warns="FIFO")
 def scan_cache_fifo(folder: Path) -> None:
     sub = good(folder)
     os.mkfifo(sub / _CACHE)
