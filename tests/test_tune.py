@@ -285,7 +285,7 @@ def test_any_change_of_the_key_measures_again(dataset, machine, cache, change):
 def test_a_new_stoker_version_measures_again(dataset, machine, cache, monkeypatch):
     rates = {0: 10, 1: 19, 2: 20, 3: 20.5, 4: 20.4}
     run(dataset, rates, machine)
-    monkeypatch.setattr(stoker, "__version__", "99.0")
+    monkeypatch.setattr(stoker.version, "__version__", "99.0")
     again, factory = run(dataset, rates, machine)
     assert not again.cached and factory.calls
 

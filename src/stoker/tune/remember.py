@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
+from stoker import version
 from stoker.data.inputs import UnusableFile, read_bounded
 from stoker.files import atomic_write_text
 from stoker.plan import LoaderRequest, MeasuredChoice, Measurement
 from stoker.system.cpu import Budget
 from stoker.system.memory import MemoryBudget
-from stoker.version import __version__
 from stoker.warn import warn
 
 __all__ = [
@@ -55,7 +55,7 @@ def cache_key(
 ) -> dict[str, Any]:
 
     return {
-        "stoker": __version__,
+        "stoker": version.__version__,
         "torch": torch.__version__,
         "dataset": fingerprint,
         "budget": {"cpus": budget.cpus, "node_cpus": budget.node_cpus, "ranks": budget.local_ranks},
