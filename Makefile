@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[dev,cache,examples]"
 
 demo: install
 	$(PYTHON) -m stoker.cli demo --out stoker-demo

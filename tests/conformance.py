@@ -12,7 +12,8 @@ import torch
 def _fingerprint(batch: Any) -> Any:
     """Everything a batch holds, comparable with ==, tensors bitwise."""
     if isinstance(batch, torch.Tensor):
-        return (str(batch.dtype), tuple(batch.shape), batch.numpy().tobytes())
+        raw = batch.contiguous().reshape(-1).view(torch.uint8)  # bf16 has no NumPy dtype
+        return (str(batch.dtype), tuple(batch.shape), raw.numpy().tobytes())
     if isinstance(batch, dict):
         return tuple(sorted((k, _fingerprint(v)) for k, v in batch.items()))
     if isinstance(batch, (list, tuple)):

@@ -319,11 +319,131 @@ def test_cli_bench_table_and_plot(sample, capsys, tmp_path):
     written, _ = sample
     plot = tmp_path / "bench.png"
     args = ["bench", str(written.config), "--workers", "0", "--batches", "2", "--plot", str(plot)]
-    assert main(args) == 0
+    assert main([*args, "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "workers  start   images/s  first batch s" in out
+    assert "workers  start   images/s  lowest-highest  first batch s" in out
     assert "Fastest: 0 workers" in out and f"Plot: {plot}" in out
+    # 2 batches is far too few: the figure is marked, and the flag to fix it is named.
+    assert "? Not reliable:" in out and "measure at least 21 batches" in out
+    assert "--batches" in out and "(not reliable, see above)" in out
+    assert out.index("Fastest:") < out.index("Plot:")
     assert plot.stat().st_size > 0
+
+
+def test_cli_bench_checks_the_plot_folder_before_measuring(sample, capsys, tmp_path, monkeypatch):
+    import stoker.bench
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured although the plot could not be written")
+
+    monkeypatch.setattr(stoker.bench, "bench_loader", never)
+    written, _ = sample
+    missing = tmp_path / "nonexistent_dir" / "x.png"
+    assert main(["bench", str(written.config), "--plot", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("stoker: error: --plot ") and "does not exist" in err
+    assert main(["bench", str(written.config), "--plot", str(tmp_path)]) == 1
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_cli_bench_prints_the_table_even_when_the_plot_cannot_be_saved(
+    sample, capsys, tmp_path, monkeypatch
+):
+    pytest.importorskip("matplotlib")
+    import stoker.bench
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(stoker.bench, "plot_bench", full_disk)
+    written, _ = sample
+    args = ["bench", str(written.config), "--workers", "0", "--batches", "3", "--repeats", "1"]
+    assert main([*args, "--plot", str(tmp_path / "b.png")]) == 1
+    captured = capsys.readouterr()
+    assert "Fastest: 0 workers" in captured.out
+    assert "could not write the plot: No space left on device" in captured.err
+
+
+def test_default_run_length_bounds_the_prefetch_error():
+    from stoker.bench import steady_batches_needed, warmup_batches
+
+    assert warmup_batches(0) == 1 and warmup_batches(4) == 8 and warmup_batches(4, 4) == 16
+    assert steady_batches_needed(0) == 21  # at least 20 timed batches
+    assert steady_batches_needed(4) == 8 + 64  # queued batches are at most 1/8 of those timed
+
+
+def _measured(workers: int, rate: float, runs: tuple[float, ...] = ()) -> LoaderMeasurement:
+    return LoaderMeasurement(
+        workers=workers,
+        start_method=None,
+        persistent=workers > 0,
+        batches=100,
+        warmup_batches=2 * workers or 1,
+        images=400,
+        seconds=10.0,
+        first_batch_seconds=0.5,
+        images_per_second=rate,
+        median_batch_seconds=0.1,
+        main_memory=None,
+        worker_memory=(),
+        worker_pss_bytes=None,
+        worker_uss_bytes=None,
+        total_pss_bytes=None,
+        run_images_per_second=runs,
+    )
+
+
+def test_a_rate_the_cpus_cannot_make_is_flagged():
+    from stoker.bench import implausible_rates
+
+    # The case: 2 CPUs that make ~15 images/s in-process cannot make 242 with 4 workers.
+    rows = [_measured(0, 15.0), _measured(2, 30.0), _measured(4, 242.7)]
+    found = implausible_rates(rows, budget_cpus=2)
+    assert list(found) == [2]
+    assert "242.7 images/s is more than 2 CPUs can make" in found[2]
+    assert implausible_rates(rows[1:], budget_cpus=2) == {}  # nothing to compare with
+
+
+def test_bench_keeps_the_median_and_flags_runs_that_disagree(sample, no_proc, monkeypatch):
+    import stoker.bench
+
+    rates = iter([30.0, 10.0, 20.0, 20.0, 21.0, 19.0])
+
+    def fake_measure(dataset, **kwargs):
+        return _measured(kwargs["workers"], next(rates))
+
+    monkeypatch.setattr(stoker.bench, "measure_loader", fake_measure)
+    _, dataset = sample
+    report = bench_loader(dataset, workers=[0, 1], batches=5, repeats=3, budget_cpus=2)
+    shaky, steady = report.measurements
+    assert shaky.images_per_second == 20.0 and shaky.run_images_per_second == (10.0, 20.0, 30.0)
+    assert any("runs differ by more than 25%" in c for c in shaky.caveats)
+    assert steady.images_per_second == 20.0 and steady.caveats == ()
+    assert not report.reliable
+
+
+@pytest.mark.slow
+def test_more_workers_than_cpus_warn_once_in_the_report_not_by_pytorch(sample, no_proc):
+    _, dataset = sample
+    many = (os.cpu_count() or 1) + 1
+    # filterwarnings=error: PyTorch's "will create N worker processes" would fail this test.
+    report = bench_loader(dataset, workers=[many], batches=2, budget_cpus=1, proc_root=no_proc)
+    (note,) = report.notes
+    assert note.startswith(f"{many} workers: more than the CPU budget (1 CPU)")
+
+
+def test_plot_starts_at_zero_and_marks_the_choice_and_budget():
+    pytest.importorskip("matplotlib")
+    from stoker.bench import _bench_figure
+
+    report = _report()
+    fig = _bench_figure(report, planned_workers=1)
+    rate_ax, mem_ax = fig.axes
+    assert rate_ax.get_ylim()[0] == 0 and mem_ax.get_ylim()[0] == 0
+    labels = [t.get_text() for t in rate_ax.get_legend().get_texts()]
+    assert "stoker's choice (1 worker)" in labels and "CPU budget (2 CPUs)" in labels
+    assert not any(label in ("default", "None") for label in labels)
+    assert "stoker bench: loading fake" in fig._suptitle.get_text()
 
 
 def test_cli_bench_bad_workers_is_a_usage_error(sample, capsys):

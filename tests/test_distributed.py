@@ -164,7 +164,7 @@ TORCHRUN = textwrap.dedent(
     loader = stoker.make_loader(ds, seed=7, shuffle=True)
     epochs = []
     for epoch in range(2):
-        keys = [[list(k) for k in loader.batch_sampler.epoch_batches(epoch)]]
+        keys = [[list(k) for k in loader.rank_sampler.epoch_batches(epoch)]]
         seen = [(b["image_keys"], len(b["captions"])) for b in loader]
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, {"batches": keys[0], "seen": seen,
@@ -223,3 +223,176 @@ def test_torchrun_two_ranks_split_every_epoch(sample, tmp_path):
         for r in (rank0, rank1):
             assert [len(b) for b in r["batches"]] == [n for _, n in r["seen"]]
             assert r["cpus"] >= 1
+
+
+ACCELERATE = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from accelerate import Accelerator
+    import stoker
+    ds = stoker.load_dataset(sys.argv[1])
+    workers = int(sys.argv[3])
+    accelerator = Accelerator(cpu=True)
+    plain = stoker.make_loader(ds, seed=7, shuffle=True, workers=workers, budget=2)
+    alone = [[b["image_keys"] for b in plain] for _ in range(2)]
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = stoker.make_loader(ds, seed=7, shuffle=True, workers=workers, budget=2)
+    model, optimizer, prepared = accelerator.prepare(model, optimizer, loader)
+    through = [[b["image_keys"] for b in prepared] for _ in range(2)]
+    with open(f"{sys.argv[2]}.{accelerator.process_index}", "w") as f:
+        json.dump({"alone": alone, "prepared": through, "len": len(prepared),
+                   "ranks": accelerator.num_processes, "type": type(prepared).__name__}, f)
+    """
+)
+
+
+def _run_accelerate(script, sample, out, *, ranks: int, workers: int) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("STOKER_CPUS", None)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(name, None)
+    launch = [sys.executable]
+    if ranks > 1:
+        launch += [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={ranks}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+        ]
+    subprocess.run(
+        [*launch, str(script), str(sample.config), str(out), str(workers)],
+        check=True,
+        timeout=300,
+        env=env,
+        capture_output=True,
+    )
+    return [json.loads(out.with_name(f"{out.name}.{r}").read_text()) for r in range(ranks)]
+
+
+@pytest.mark.slow
+@pytest.mark.torchrun
+def test_accelerate_prepare_keeps_every_sample_on_two_ranks(sample, tmp_path):
+    pytest.importorskip("accelerate")
+    script = tmp_path / "train.py"
+    script.write_text(ACCELERATE)
+    results = _run_accelerate(script, sample, tmp_path / "keys.json", ranks=2, workers=1)
+    total = load_dataset(sample.config).report.samples_per_epoch
+    for result in results:
+        assert result["ranks"] == 2 and result["type"] == "DataLoaderShard"
+        # Each rank's epochs through accelerate are exactly its epochs without accelerate.
+        assert result["prepared"] == result["alone"]
+        assert result["len"] == len(result["alone"][0])
+    for epoch in range(2):
+        # Nothing lost, and nothing repeated beyond the padding of the last round (<= 1 batch).
+        delivered = sum(len(b) for r in results for b in r["prepared"][epoch])
+        assert total <= delivered <= total + 2
+        paths = {k for r in results for b in r["prepared"][epoch] for k in b}
+        assert len(paths) == 12  # every image of the sample dataset
+
+
+@pytest.mark.slow
+def test_accelerate_prepare_in_one_process_keeps_the_epoch(sample, tmp_path):
+    pytest.importorskip("accelerate")
+    script = tmp_path / "train.py"
+    script.write_text(ACCELERATE)
+    (result,) = _run_accelerate(script, sample, tmp_path / "keys.json", ranks=1, workers=0)
+    assert result["ranks"] == 1
+    assert result["prepared"] == result["alone"]
+    delivered = sum(len(b) for b in result["prepared"][0])
+    assert delivered == load_dataset(sample.config).report.samples_per_epoch
+
+
+def test_a_loader_sharded_for_other_ranks_than_the_process_group_warns(sample):
+    import torch.distributed as dist
+
+    from stoker import StokerWarning
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+    try:
+        ds = load_dataset(sample.config)
+        inside = make_loader(ds, seed=1, workers=0)  # takes its ranks from the running group
+        assert (inside.rank_sampler.rank, inside.rank_sampler.world_size) == (0, 1)
+        next(iter(inside))
+        stale = make_loader(ds, seed=1, workers=0, rank=1, world_size=2)
+        with pytest.warns(StokerWarning, match=r"made for rank 1 of 2, but torch.distributed"):
+            next(iter(stale))
+    finally:
+        dist.destroy_process_group()
+
+
+LIGHTNING = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import lightning as L
+    import stoker
+
+    class Data(L.LightningDataModule):
+        def train_dataloader(self):  # after the process group starts: stoker reads its ranks
+            return stoker.make_loader(stoker.load_dataset(sys.argv[1]), seed=7, shuffle=True,
+                                      workers=0)
+
+    class Model(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+            self.seen = []
+        def training_step(self, batch, index):
+            self.seen.append(batch["image_keys"])
+            return self.layer(torch.zeros(1, 2)).sum()
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    settings = {} if sys.argv[3] == "default" else {"use_distributed_sampler": False}
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, **settings)
+    model = Model()
+    result = {}
+    try:
+        trainer.fit(model, datamodule=Data())
+        ds = stoker.load_dataset(sys.argv[1])
+        alone = stoker.make_loader(ds, seed=7, shuffle=True, workers=0,
+                                   rank=trainer.global_rank, world_size=2)
+        result = {"seen": model.seen, "alone": [b["image_keys"] for b in alone]}
+    except TypeError as err:
+        result = {"error": str(err)}
+    with open(f"{sys.argv[2]}.{trainer.global_rank}", "w") as f:
+        json.dump(result, f)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.torchrun
+@pytest.mark.parametrize("mode", ["default", "use_distributed_sampler=False"])
+def test_lightning_ddp_keeps_every_sample_or_says_what_to_do(sample, tmp_path, mode):
+    pytest.importorskip("lightning")
+    script = tmp_path / "fit.py"
+    script.write_text(LIGHTNING)
+    out = tmp_path / "seen.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("STOKER_CPUS", None)
+    subprocess.run(
+        [sys.executable, str(script), str(sample.config), str(out), mode.split("=")[0]],
+        check=True,
+        timeout=300,
+        env=env,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    results = [json.loads(out.with_name(f"{out.name}.{r}").read_text()) for r in range(2)]
+    if mode == "default":
+        # Lightning refuses at once, before any step, and names the fix.
+        for result in results:
+            assert "use_distributed_sampler=False" in result["error"]
+        return
+    for result in results:
+        assert result["seen"] == result["alone"]  # exactly stoker's shard for that rank
+    delivered = sum(len(b) for r in results for b in r["seen"])
+    assert delivered >= load_dataset(sample.config).report.samples_per_epoch

@@ -97,3 +97,20 @@ def test_anything_but_torchs_iterator_is_left_alone():
             assert torch_internals.stop_asking(thing) is False
             torch_internals.shutdown_workers(thing)
             torch_internals.unwatch_worker_exits(thing)
+
+
+def test_dataloader_draws_from_index_sampler_which_a_subclass_can_override():
+    # StokerLoader relies on this: batch_sampler shows every rank's batches, _index_sampler is
+    # what the loader iterates and counts (see stoker.loader.build).
+    from torch.utils.data import DataLoader
+
+    assert isinstance(DataLoader.__dict__["_index_sampler"], property)
+
+    class Evens(DataLoader):
+        @property
+        def _index_sampler(self):
+            return [[0], [2]]
+
+    loader = Evens(list(range(4)), batch_sampler=[[0], [1], [2], [3]])
+    assert len(loader) == 2
+    assert [int(b[0]) for b in loader] == [0, 2]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from stoker.cache import CacheReport, cache_latents, cache_text_encoder_outputs, check_caches
 from stoker.data.dataset import DatasetReport, StokerDataset, load_dataset, to_float_images
 from stoker.errors import (
     CacheError,
@@ -33,6 +34,7 @@ __all__ = [
     "Adjustment",
     "Budget",
     "CacheError",
+    "CacheReport",
     "ConfigError",
     "DatasetError",
     "DatasetReport",
@@ -53,6 +55,9 @@ __all__ = [
     "TuneResult",
     "WorkerFailed",
     "__version__",
+    "cache_latents",
+    "cache_text_encoder_outputs",
+    "check_caches",
     "cpu_budget",
     "load_dataset",
     "make_loader",

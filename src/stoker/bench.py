@@ -12,7 +12,15 @@ How the figures are taken:
   prefetch_factor`` batches), and those arrive at once after it; counting them would overstate
   the rate. So the first ``max(1, workers * prefetch_factor)`` batches are warm-up, and the rate is
   the images of the later batches over the time from the last warm-up batch to the last batch.
-  Draw several times the warm-up (``batches``) for a steady figure.
+  Batches the workers finished ahead of the loop can still sit in the queue when the timed
+  window opens (up to ``workers * prefetch_factor``) and arrive at once, so a short window
+  overstates the rate: with 12 batches and 4 workers, 4 timed batches gave "242 images/s" on 2
+  CPUs that make about 30. ``steady_batches_needed`` is the window that bounds this error to a
+  seventh of the figure at worst; a shorter run carries a caveat.
+- Of several runs (``repeats``) the median is kept, with every run's rate in
+  ``run_images_per_second``; runs that differ by more than ``MAX_SPREAD`` of the median carry a
+  caveat, and so does a rate above what the CPU budget could make at the in-process rate
+  (``implausible_rates``). A measurement with caveats is not a figure to act on.
 - A measurement asks for exactly the worker count it names: the loader is planned on a budget of
   at least that many CPUs, so the planner does not clamp it (measuring a count is how one learns
   whether the planner's choice is right).
@@ -23,10 +31,12 @@ How the figures are taken:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +50,7 @@ from stoker.system.memory import MemoryUse, child_pids, read_memory
 from stoker.system.platform import default_start_method
 
 __all__ = [
+    "MAX_SPREAD",
     "BenchReport",
     "EpochGapMeasurement",
     "LoaderMeasurement",
@@ -51,13 +62,23 @@ __all__ = [
     "measure_worker_growth",
     "plot_bench",
     "read_memory",
+    "implausible_rates",
     "require_plotting",
+    "steady_batches_needed",
+    "warmup_batches",
     "touch_catalog",
     "touch_records",
 ]
 
 Clock = Callable[[], float]
 _PROC = Path("/proc")
+
+MAX_SPREAD = 0.25
+"""Runs of one setting whose rates differ by more than this share of their median get a caveat."""
+
+# PyTorch's own warning when a DataLoader has more workers than it suggests; a measurement asks for
+# the count on purpose, and the report says so once instead (see bench_loader).
+_TORCH_WORKER_WARNING = r"This DataLoader will create \d+ worker processes"
 
 
 # --- memory --------------------------------------------------------------------------------------
@@ -85,6 +106,9 @@ class LoaderMeasurement:
         first_batch_seconds: from ``iter(loader)`` to the first batch (worker start included).
         images_per_second: steady rate after the first batch (see the module docstring).
         median_batch_seconds: median time between two batches after the warm-up.
+        run_images_per_second: images/s of every run of this setting (``bench_loader``
+            repeats), lowest first; this measurement is the median run.
+        caveats: why the figure should not be trusted, in words (empty when it can be).
         main_memory: the main process after the last batch.
         worker_memory: each worker after the last batch (empty with 0 workers).
         worker_pss_bytes: PSS of all workers together (``None`` with 0 workers or no /proc).
@@ -107,6 +131,29 @@ class LoaderMeasurement:
     worker_pss_bytes: int | None
     worker_uss_bytes: int | None
     total_pss_bytes: int | None
+    run_images_per_second: tuple[float, ...] = ()
+    caveats: tuple[str, ...] = ()
+
+    @property
+    def steady_batches(self) -> int:
+        """Batches inside the timed window (after the warm-up)."""
+        return self.batches - self.warmup_batches
+
+
+def warmup_batches(workers: int, prefetch_factor: int | None = None) -> int:
+    """Batches left out of the rate: the first, plus those prefetched while it was made."""
+    return max(1, workers * (prefetch_factor or 2))
+
+
+def steady_batches_needed(workers: int, prefetch_factor: int | None = None) -> int:
+    """Batches to draw for a rate that the prefetch queue cannot inflate by more than a seventh.
+
+    The warm-up, then eight times as many batches as can be queued ahead (at least 20): batches
+    waiting in the queue when the timed window opens arrive at once, which at worst makes 8
+    batches' worth of time pass for 7 (8/7 of the true rate).
+    """
+    ahead = warmup_batches(workers, prefetch_factor)
+    return ahead + max(20, 8 * ahead)
 
 
 def _batch_images(batch: Any) -> int:
@@ -221,6 +268,37 @@ def measure_loader(
     """
     if batches is not None and (isinstance(batches, bool) or batches < 1):
         raise ValueError(f"batches={batches!r} is not valid: use a whole number >= 1 or None")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _TORCH_WORKER_WARNING, UserWarning)
+        return _measure(
+            dataset,
+            workers=workers,
+            batches=batches,
+            start_method=start_method,
+            persistent=persistent,
+            prefetch_factor=prefetch_factor,
+            seed=seed,
+            step=step,
+            clock=clock,
+            progress=progress,
+            proc_root=proc_root,
+        )
+
+
+def _measure(
+    dataset: Any,
+    *,
+    workers: int,
+    batches: int | None,
+    start_method: str | None,
+    persistent: bool,
+    prefetch_factor: int | None,
+    seed: int,
+    step: Callable[[Any], object] | None,
+    clock: Clock,
+    progress: Callable[[int, int], None] | None,
+    proc_root: Path,
+) -> LoaderMeasurement:
     loader = _measured_loader(
         dataset,
         workers=workers,
@@ -253,10 +331,26 @@ def measure_loader(
         main, workers_mem = _worker_memory(proc_root, children)
     finally:
         _finish(loader, iterator, start_method)
-    warmup = max(1, workers * (prefetch_factor or 2))
-    return _loader_measurement(
-        stamps, counts, start, workers, start_method, persistent, main, workers_mem, warmup
+    measurement = _loader_measurement(
+        stamps,
+        counts,
+        start,
+        workers,
+        start_method,
+        persistent,
+        main,
+        workers_mem,
+        warmup_batches(workers, prefetch_factor),
     )
+    needed = steady_batches_needed(workers, prefetch_factor)
+    if measurement.batches < needed:
+        caveat = (
+            f"only {measurement.steady_batches} batches timed after a warm-up of "
+            f"{measurement.warmup_batches}: batches queued ahead can inflate the rate; "
+            f"measure at least {needed} batches"
+        )
+        measurement = dataclasses.replace(measurement, caveats=(caveat,))
+    return measurement
 
 
 def _loader_measurement(
@@ -390,16 +484,23 @@ class BenchReport:
         budget_cpus: the CPU budget of this process when it was measured.
         repeats: runs per setting; each measurement is the run with the median images/s.
         measurements: one per (start method, worker count), in the order asked.
+        notes: what the reader should know about the whole bench (more workers than CPUs).
     """
 
     source: str
     budget_cpus: int
     repeats: int
     measurements: tuple[LoaderMeasurement, ...]
+    notes: tuple[str, ...] = ()
 
     def best(self) -> LoaderMeasurement:
-        """The measurement with the most images per second."""
+        """The measurement with the most images per second (caveats or not)."""
         return max(self.measurements, key=lambda m: m.images_per_second)
+
+    @property
+    def reliable(self) -> bool:
+        """True when no measurement carries a caveat."""
+        return not any(m.caveats for m in self.measurements)
 
 
 def bench_loader(
@@ -457,9 +558,63 @@ def bench_loader(
             )
             done += per_run
         results.append(_median_run(runs))
+    over = sorted({count for count, _ in settings if count > budget_cpus})
+    notes: tuple[str, ...] = ()
+    if over:
+        notes = (
+            f"{', '.join(map(str, over))} workers: more than the CPU budget "
+            f"({_counted(budget_cpus, 'CPU')}), so they share CPUs and cannot be faster than "
+            "the budget allows; measured as asked (PyTorch's warning about it is left out)",
+        )
     return BenchReport(
-        source=source, budget_cpus=budget_cpus, repeats=repeats, measurements=tuple(results)
+        source=source,
+        budget_cpus=budget_cpus,
+        repeats=repeats,
+        measurements=tuple(_flag_implausible(results, budget_cpus)),
+        notes=notes,
     )
+
+
+def _counted(count: int, noun: str) -> str:
+    """``1 worker``, ``2 workers``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def implausible_rates(
+    measurements: Sequence[LoaderMeasurement], budget_cpus: int, slack: float = 1.5
+) -> dict[int, str]:
+    """Measurements faster than the CPUs could make them, by index, with the reason.
+
+    With no workers one process makes the batches, keeping at least one CPU busy; all the
+    processes of a loader share the ``c`` CPUs of the budget, so they can at best do that ``c``
+    times over. A rate above ``c`` times the in-process rate (times ``slack``: in-process, the
+    main process also spends time handing batches over, and a busy machine varies) was not
+    produced by the CPUs: it came from batches queued ahead or from too short a run. Needs a
+    0-worker measurement to compare with. A budget set below the machine (``STOKER_CPUS``) makes
+    this check strict for worker counts beyond it.
+    """
+    base = next((m.images_per_second for m in measurements if m.workers == 0), None)
+    if base is None or base <= 0:
+        return {}
+    ceiling = base * max(1, budget_cpus) * slack
+    found: dict[int, str] = {}
+    for index, m in enumerate(measurements):
+        if m.workers > 0 and m.images_per_second > ceiling:
+            found[index] = (
+                f"{m.images_per_second:.1f} images/s is more than {_counted(budget_cpus, 'CPU')} "
+                f"can make at the in-process rate of {base:.1f} images/s (at most {ceiling:.1f})"
+            )
+    return found
+
+
+def _flag_implausible(
+    measurements: list[LoaderMeasurement], budget_cpus: int
+) -> list[LoaderMeasurement]:
+    found = implausible_rates(measurements, budget_cpus)
+    return [
+        dataclasses.replace(m, caveats=(*m.caveats, found[i])) if i in found else m
+        for i, m in enumerate(measurements)
+    ]
 
 
 def _settings(
@@ -482,8 +637,19 @@ def _epoch_batches(dataset: Any) -> int:
 
 
 def _median_run(runs: list[LoaderMeasurement]) -> LoaderMeasurement:
+    """The run with the median rate, carrying every run's rate and a caveat when they disagree."""
     ordered = sorted(runs, key=lambda m: m.images_per_second)
-    return ordered[(len(ordered) - 1) // 2]
+    median = ordered[(len(ordered) - 1) // 2]
+    rates = tuple(m.images_per_second for m in ordered)
+    caveats = list(dict.fromkeys(c for m in ordered for c in m.caveats))
+    if median.images_per_second > 0 and (rates[-1] - rates[0]) > MAX_SPREAD * (
+        median.images_per_second
+    ):
+        caveats.append(
+            f"runs differ by more than {MAX_SPREAD:.0%} ({rates[0]:.1f} to {rates[-1]:.1f} "
+            "images/s): the machine was busy or the runs were short"
+        )
+    return dataclasses.replace(median, run_images_per_second=rates, caveats=tuple(caveats))
 
 
 # --- catalog memory in workers --------------------------------------------------------------------
@@ -639,45 +805,137 @@ def require_plotting() -> None:
     _figure_class()
 
 
-def plot_bench(report: BenchReport, path: str | os.PathLike[str]) -> Path:
+def plot_bench(
+    report: BenchReport, path: str | os.PathLike[str], *, planned_workers: int | None = None
+) -> Path:
     """Write a PNG: images/s (left) and loader memory (right) against worker count.
 
-    One line per start method; memory is the PSS of the main process and all workers together,
-    with the workers' share dashed. matplotlib is imported here, not at module import.
+    Throughput is the median run with a bar from the lowest to the highest run, on an axis from
+    0; measurements with caveats are drawn hollow. The CPU budget is a labelled vertical line and
+    ``planned_workers`` (stoker's choice) is ringed. Memory is the PSS of the main process and
+    all workers together, and of the workers alone (dashed). One line per start method when
+    several were measured. matplotlib is imported here, not at module import.
 
     Raises:
         StokerError: matplotlib is not installed (the message says how to install it).
+        OSError: the file cannot be written.
     """
-    figure_cls, canvas_cls = _figure_class()
-    fig = figure_cls(figsize=(9, 3.6), dpi=100)
-    canvas_cls(fig)
-    rate_ax, mem_ax = fig.subplots(1, 2)
-    by_method: dict[str, list[LoaderMeasurement]] = {}
-    zero = [m for m in report.measurements if m.workers == 0]
-    for m in report.measurements:
-        if m.workers > 0:
-            by_method.setdefault(m.start_method or "default", []).append(m)
-    for method, own in (by_method or {"in-process": []}).items():
-        rows = sorted(zero + own, key=lambda m: m.workers)
-        xs = [m.workers for m in rows]
-        rate_ax.plot(xs, [m.images_per_second for m in rows], marker="o", label=method)
-        mib = [(m.total_pss_bytes or 0) / 2**20 for m in rows]
-        line = mem_ax.plot(xs, mib, marker="o", label=f"{method} total")[0]
-        workers_mib = [(m.worker_pss_bytes or 0) / 2**20 for m in rows]
-        mem_ax.plot(xs, workers_mib, ls="--", color=line.get_color(), label=f"{method} workers")
-    for ax in (rate_ax, mem_ax):
-        ax.axvline(report.budget_cpus, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("workers (dotted: CPU budget)")
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    rate_ax.set_ylabel("images / s (steady)")
-    mem_ax.set_ylabel("PSS, MiB")
-    rate_ax.set_title("throughput")
-    mem_ax.set_title("memory (main + workers)")
-    rate_ax.legend(fontsize=8)
-    mem_ax.legend(fontsize=8)
-    fig.suptitle(report.source or "stoker bench", fontsize=9)
-    fig.tight_layout()
+    fig = _bench_figure(report, planned_workers)
     out = Path(path)
     fig.savefig(out, format="png")
     return out
+
+
+def _bench_figure(report: BenchReport, planned_workers: int | None) -> Any:
+    figure_cls, canvas_cls = _figure_class()
+    fig = figure_cls(figsize=(11, 4.4), dpi=100)
+    canvas_cls(fig)
+    rate_ax, mem_ax = fig.subplots(1, 2)
+    series = _plot_series(report)
+    for label, rows in series.items():
+        _plot_rates(rate_ax, rows, label)
+        _plot_memory(mem_ax, rows, label, several=len(series) > 1)
+    xs = sorted({m.workers for m in report.measurements})
+    for ax in (rate_ax, mem_ax):
+        ax.axvline(
+            report.budget_cpus,
+            color="tab:red",
+            lw=1.5,
+            ls="--",
+            label=f"CPU budget ({_counted(report.budget_cpus, 'CPU')})",
+        )
+        ax.set_xlabel("worker processes")
+        ax.set_xticks(sorted({*xs, report.budget_cpus}))
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    if planned_workers is not None:
+        _mark_choice(rate_ax, report, planned_workers)
+    rate_ax.set_ylim(bottom=0, top=rate_ax.get_ylim()[1] * 1.15)
+    rate_ax.set_ylabel("images per second")
+    mem_ax.set_ylabel("memory, MiB (PSS)")
+    runs = (
+        f"median of {report.repeats} runs, bar: lowest to highest"
+        if report.repeats > 1
+        else ("one run each")
+    )
+    rate_ax.set_title(f"Throughput ({runs})", fontsize=10)
+    mem_ax.set_title("Memory of the loader", fontsize=10)
+    rate_ax.legend(fontsize=8, loc="lower right")
+    mem_ax.legend(fontsize=8, loc="upper left")
+    first = report.measurements[0]
+    name = "/".join(Path(report.source).parts[-2:]) if report.source else "your dataset"
+    fig.suptitle(
+        f"stoker bench: loading {name} with 0 to {max(xs)} workers "
+        f"({first.batches} batches per run, {report.budget_cpus}-CPU budget)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def _plot_series(report: BenchReport) -> dict[str, list[LoaderMeasurement]]:
+    """Rows per start method (0 workers in each), labelled in plain words."""
+    zero = [m for m in report.measurements if m.workers == 0]
+    by_method: dict[str | None, list[LoaderMeasurement]] = {}
+    for m in report.measurements:
+        if m.workers > 0:
+            by_method.setdefault(m.start_method, []).append(m)
+    if len(by_method) <= 1:
+        rows = zero + next(iter(by_method.values()), [])
+        return {"images/s (median)": sorted(rows, key=_workers)}
+    return {
+        f"workers started by {method or 'the default method'}": sorted(zero + own, key=_workers)
+        for method, own in by_method.items()
+    }
+
+
+def _workers(m: LoaderMeasurement) -> int:
+    return m.workers
+
+
+def _plot_rates(ax: Any, rows: list[LoaderMeasurement], label: str) -> None:
+    xs = [m.workers for m in rows]
+    ys = [m.images_per_second for m in rows]
+    low = [y - min(m.run_images_per_second or (y,)) for m, y in zip(rows, ys, strict=True)]
+    high = [max(m.run_images_per_second or (y,)) - y for m, y in zip(rows, ys, strict=True)]
+    line = ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=4, label=label)
+    color = line[0].get_color()
+    shaky = [m for m in rows if m.caveats]
+    if shaky:
+        ax.plot(
+            [m.workers for m in shaky],
+            [m.images_per_second for m in shaky],
+            ls="none",
+            marker="o",
+            ms=11,
+            mfc="white",
+            mec=color,
+            label="not reliable (see the table)",
+        )
+
+
+def _plot_memory(ax: Any, rows: list[LoaderMeasurement], label: str, *, several: bool) -> None:
+    xs = [m.workers for m in rows]
+    prefix = f"{label}: " if several else ""
+    total = [(m.total_pss_bytes or 0) / 2**20 for m in rows]
+    line = ax.plot(xs, total, marker="o", label=f"{prefix}main process + workers")[0]
+    workers = [(m.worker_pss_bytes or 0) / 2**20 for m in rows]
+    ax.plot(xs, workers, ls="--", marker=".", color=line.get_color(), label=f"{prefix}workers")
+
+
+def _mark_choice(ax: Any, report: BenchReport, planned_workers: int) -> None:
+    chosen = [m for m in report.measurements if m.workers == planned_workers]
+    if not chosen:
+        return
+    y = max(m.images_per_second for m in chosen)
+    ax.plot(
+        [planned_workers],
+        [y],
+        ls="none",
+        marker="*",
+        ms=18,
+        color="gold",
+        mec="black",
+        zorder=5,
+        label=f"stoker's choice ({_counted(planned_workers, 'worker')})",
+    )

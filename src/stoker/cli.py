@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import re
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,7 +80,12 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="seconds to wait for a worker's batch (0 = forever)",
     )
-    parser.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), default=None)
+    parser.add_argument(
+        "--start-method",
+        choices=("fork", "spawn", "forkserver"),
+        default=None,
+        help="how worker processes start (multiprocessing_context; default: the platform's)",
+    )
 
 
 def _workers_arg(text: str | None) -> Any:
@@ -103,12 +111,11 @@ def _plan_from_args(args: argparse.Namespace, budget: stoker.Budget) -> stoker.L
 
 
 def _render_budget(budget: stoker.Budget) -> list[str]:
-    lines = [
-        f"CPU budget: {budget.cpus} CPU{'s' if budget.cpus != 1 else ''} for this process"
-        f" ({budget.source})"
-    ]
+    lines = [f"CPU budget: {_plural(budget.cpus, 'CPU')} for this process ({budget.source})"]
     if budget.local_ranks > 1:
-        lines.append(f"  node total {budget.node_cpus} CPUs shared by {budget.local_ranks} ranks")
+        lines.append(
+            f"  node total {_plural(budget.node_cpus, 'CPU')} shared by {budget.local_ranks} ranks"
+        )
     lines.append("  limits checked:")
     for lim in budget.limits:
         cpus = "-" if lim.cpus is None else f"{lim.cpus:g}"
@@ -171,36 +178,61 @@ def _run_doctor(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from stoker.data.synthetic import write_sample_dataset
 
-    out = Path(args.out)
-    sample = write_sample_dataset(out, images=args.images, seed=0)
-    print(f"Wrote a sample dataset of {sample.images} images to {sample.root}\n")
+    out = _demo_folder(args.out)
+    if args.images < 1:
+        raise ValueError(f"--images {args.images} is not valid: use a whole number >= 1")
+    try:
+        sample = write_sample_dataset(out, images=args.images, seed=0)
+    except OSError as err:
+        raise StokerError(
+            f"--out {args.out}: could not write the sample dataset ({err.strerror or err}"
+            f"{': ' + str(err.filename) if err.filename else ''}); give a folder you can write"
+        ) from None
+    print(f"Wrote a sample dataset of {_plural(sample.images, 'image')} to {sample.root}\n")
     budget = stoker.cpu_budget()
-    plan = _plan_from_args(args, budget)
-    print("\n".join(_render_budget(budget) + [""] + _render_plan(plan)))
-    print(f"\nLoading it with stoker.make_loader(workers={plan.request.workers!r}) ...")
-    return _demo_load(sample.config, plan)
+    request = _plan_from_args(args, budget).request  # checks the flags before loading anything
+    print("\n".join(_render_budget(budget)))
+    return _demo_load(sample.config, request, budget)
 
 
-def _demo_load(config: Path, plan: stoker.LoaderPlan) -> int:
+def _demo_folder(text: str) -> Path:
+    """The demo's folder; the sample writer itself refuses to replace anyone's files."""
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise StokerError(f"--out {text} is a file; give a folder for the sample dataset")
+    return out
+
+
+def _demo_load(config: Path, request: stoker.LoaderRequest, budget: stoker.Budget) -> int:
     dataset = stoker.load_dataset(config)
     report = dataset.report
     print(
-        f"  {report.images} images, {report.samples_per_epoch} samples per epoch with repeats "
-        f"and regularisation balancing, {len(report.buckets[0].buckets)} buckets"
+        f"  {_plural(report.images, 'image')}, {report.samples_per_epoch} samples per epoch "
+        f"with repeats and regularisation balancing, "
+        f"{_plural(len(report.buckets[0].buckets), 'bucket')}"
     )
+    print(f"\nLoading it with stoker.make_loader(workers={request.workers!r}) ...")
     loader = stoker.make_loader(
-        dataset, shuffle=True, seed=0, budget=plan.budget, **_plan_settings(plan)
+        dataset,
+        shuffle=True,
+        seed=0,
+        budget=budget,
+        workers=request.workers,
+        persistent=request.persistent,
+        prefetch_factor=request.prefetch_factor,
+        pin_memory=request.pin_memory,
+        timeout=request.timeout,
+        start_method=request.start_method,
     )
-    chosen = next((a for a in loader.plan.defaults if a.setting == "workers"), None)
-    why = f": {chosen.reason}" if chosen is not None else ""
-    print(f"  workers = {loader.plan.num_workers}{why}")
+    # The plan the loader was built with (after measuring, for workers="auto").
+    print("\n".join(_render_plan(loader.plan)))
     start = time.perf_counter()
     count = 0
     for epoch in range(2):
         for batch in loader:
             count += len(batch["captions"])
         print(
-            f"  epoch {epoch}: {len(loader)} batches; last: images "
+            f"  epoch {epoch}: {_plural(len(loader), 'batch', 'batches')}; last: images "
             f"{tuple(batch['images'].shape)}, captions {batch['captions']}"
         )
     seconds = time.perf_counter() - start
@@ -215,18 +247,6 @@ def _demo_load(config: Path, plan: stoker.LoaderPlan) -> int:
         f"(try: stoker scan {config})."
     )
     return 0
-
-
-def _plan_settings(plan: stoker.LoaderPlan) -> dict[str, Any]:
-    req = plan.request
-    return {
-        "workers": req.workers,
-        "persistent": req.persistent,
-        "prefetch_factor": req.prefetch_factor,
-        "pin_memory": req.pin_memory,
-        "timeout": req.timeout,
-        "start_method": req.start_method,
-    }
 
 
 # --- scan ----------------------------------------------------------------------------------------
@@ -247,55 +267,156 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
         "--reg-data-dir", default=None, help="regularisation folders, for a train_data_dir source"
     )
     parser.add_argument("--image-dir", default=None, help="images of a metadata source")
-
-
-def _load_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
-    return stoker.load_dataset(
-        args.source,
-        resolution=args.resolution,
-        reg_data_dir=args.reg_data_dir,
-        image_dir=args.image_dir,
-        **kwargs,
+    options = parser.add_argument_group(
+        "dataset options",
+        "sd-scripts' dataset settings for sources that do not set them (a config's own values "
+        "win, as with sd-scripts' command line)",
+    )
+    options.add_argument(
+        "--caption-extension",
+        default=None,
+        metavar="EXT",
+        help="caption file extension, e.g. .txt (sd-scripts' default: .caption)",
+    )
+    options.add_argument(
+        "--enable-bucket",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="aspect-ratio buckets (without them every image is cropped to the resolution)",
+    )
+    options.add_argument("--batch-size", type=int, default=None, metavar="N", help="batch size")
+    for flag, what in (
+        ("--min-bucket-reso", "smallest bucket side, in pixels"),
+        ("--max-bucket-reso", "largest bucket side, in pixels"),
+        ("--bucket-reso-steps", "bucket sides are multiples of this"),
+    ):
+        options.add_argument(flag, type=int, default=None, metavar="N", help=what)
+    options.add_argument(
+        "--bucket-no-upscale",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="never enlarge an image to fit a bucket",
+    )
+    options.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="settings",
+        help="any other dataset or subset key, with a TOML value: --set shuffle_caption=true "
+        "--set keep_tokens=1 --set 'face_crop_aug_range=[2.0, 4.0]' (repeatable)",
     )
 
 
-def _run_scan(args: argparse.Namespace) -> int:
-    dataset = _load_from_args(args, on_error="skip")
-    report = dataset.report
-    if args.json:
-        _print_json(report)
-        return 1 if report.problems else 0
-    print("\n".join(_render_report(report)))
-    return 1 if report.problems else 0
+# The dataset keys the flags above set, and their flags: errors from the CLI name the flag.
+_SOURCE_FLAGS = {
+    "caption_extension": "--caption-extension",
+    "enable_bucket": "--enable-bucket",
+    "batch_size": "--batch-size",
+    "min_bucket_reso": "--min-bucket-reso",
+    "max_bucket_reso": "--max-bucket-reso",
+    "bucket_reso_steps": "--bucket-reso-steps",
+    "bucket_no_upscale": "--bucket-no-upscale",
+}
 
 
-def _render_report(report: Any) -> list[str]:
-    lines = [
-        f"{report.images} images, {report.samples_per_epoch} samples per epoch "
-        f"(with repeats), {report.batches_per_epoch} batches per epoch"
-    ]
-    lines.append("Subsets:")
-    for sub in report.subsets:
-        kind = "reg  " if sub.is_reg else "train"
-        lines.append(
-            f"  {kind} {sub.images:>6} images x{sub.num_repeats:<3} -> "
-            f"{sub.samples_per_epoch:>7} samples  {sub.folder}"
-            + (f"  ({sub.missing_captions} without caption)" if sub.missing_captions else "")
-        )
-    lines += [f"Note: {note}" for note in report.notes]
-    for d, buckets in enumerate(report.buckets):
-        lines.append(f"Buckets of dataset {d + 1} (mean aspect error {buckets.mean_ar_error:.4f}):")
-        for b in buckets.buckets:
-            lines.append(
-                f"  {b.width:>5} x {b.height:<5} {b.count:>7} images  "
-                f"aspect error {b.mean_ar_error:+.4f}"
+def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    settings = {key: getattr(args, key) for key in _SOURCE_FLAGS}
+    for item in args.settings:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(
+                f"--set {item!r} is not valid: use KEY=VALUE, e.g. --set keep_tokens=1"
             )
-    if report.problems:
-        lines.append(f"Problems ({len(report.problems)}):")
-        lines += [f"  {p.path}: {p.reason} [{p.action}]" for p in report.problems]
-    else:
+        settings[key] = _toml_value(text.strip())
+    return {key: value for key, value in settings.items() if value is not None}
+
+
+def _toml_value(text: str) -> Any:
+    """``true`` -> True, ``1`` -> 1, ``[2.0, 4.0]`` -> [2.0, 4.0]; anything else is a string."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - the tomli backport, as the config parser uses
+        import tomli as tomllib
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text.strip("'\"")
+
+
+def _load_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
+    """``load_dataset`` with the command line's source options; its warnings are kept in
+    ``args.load_warnings`` so that each is said once, where the command renders its result."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", stoker.StokerWarning)
+        dataset = stoker.load_dataset(
+            args.source,
+            resolution=args.resolution,
+            reg_data_dir=args.reg_data_dir,
+            image_dir=args.image_dir,
+            **_settings_from_args(args),
+            **kwargs,
+        )
+    told = list(dict.fromkeys(str(w.message) for w in caught))
+    args.load_warnings = told
+    return dataset
+
+
+def _say_load_warnings(args: argparse.Namespace, shown: Sequence[str] = ()) -> None:
+    """Print each load warning once to stderr, unless the rendered report already says it."""
+    for message in getattr(args, "load_warnings", []):
+        if not any(_same_news(message, note) for note in shown):
+            print(f"stoker: warning: {message}", file=sys.stderr)
+
+
+def _same_news(warning: str, note: str) -> bool:
+    # The skipped-folder warning and the report's note name the same folders in other words.
+    return (
+        warning in note or note in warning or ("left out" in warning and "skipped folder" in note)
+    )
+
+
+def _cli_words(message: str) -> str:
+    """A library message in the command line's words: keyword arguments become flags."""
+    for keyword, flag in (
+        ("resolution=", "--resolution"),
+        ("reg_data_dir=", "--reg-data-dir"),
+        ("image_dir=", "--image-dir"),
+    ):
+        message = message.replace(f"give {keyword}", f"give {flag}")
+    if message.startswith("overrides: "):
+        message = "command line: " + message.removeprefix("overrides: ")
+        for key, flag in _SOURCE_FLAGS.items():
+            message = re.sub(rf"\b{key}\b", flag, message)
+    return message
+
+
+def _run_scan(args: argparse.Namespace) -> int:
+    from stoker.cli_cache import render_cache_state
+    from stoker.data.scan_checks import check_dataset
+
+    dataset = _load_from_args(args, on_error="skip", latent_cache=False, text_cache=False)
+    report = dataset.report
+    findings = check_dataset(dataset)
+    failed = bool(report.problems) or any(f.serious for f in findings)
+    latent = args.latent_cache or dataset.datasets[0].latent_cache
+    text = args.text_cache or dataset.datasets[0].text_cache
+    if args.json:
+        caches = stoker.check_caches(dataset, latent_cache=latent, text_cache=text)
+        _print_json({**_jsonable(report), "findings": findings, "caches": caches})
+        return 1 if failed else 0
+    _say_load_warnings(args, report.notes)
+    lines = report.lines() + render_cache_state(dataset, latent, text)
+    for finding in findings:
+        fix = ""
+        if finding.key in _SOURCE_FLAGS:
+            fix = f"; use {_SOURCE_FLAGS[finding.key]} {finding.value} or set it in the config"
+        lines.append(f"{'Problem' if finding.serious else 'Warning'}: {finding.message}{fix}")
+    if not failed:
         lines.append("No problems found.")
-    return lines
+    print("\n".join(lines))
+    return 1 if failed else 0
 
 
 # --- bench ---------------------------------------------------------------------------------------
@@ -317,18 +438,22 @@ def _bench_workers(text: str, budget_cpus: int) -> list[int]:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from stoker.bench import bench_loader, plot_bench, require_plotting
-    from stoker.data.catalog import stderr_progress
+    from stoker.bench import bench_loader, plot_bench, require_plotting, steady_batches_needed
+    from stoker.progress import progress_bar
 
-    if args.plot:
+    plot = _check_plot_path(args.plot) if args.plot else None
+    if plot is not None:
         require_plotting()  # fail before minutes of measuring, not after
     budget = stoker.cpu_budget()
     workers = _bench_workers(args.workers, budget.cpus)
     if args.batches is not None and args.batches < 1:
         raise ValueError(f"--batches {args.batches} is not valid: use a whole number >= 1")
-    # Enough batches that the prefetch warm-up (workers x 2 batches) is a small part of the run.
-    batches = args.batches or max(10, 6 * max(workers))
+    if args.repeats < 1:
+        raise ValueError(f"--repeats {args.repeats} is not valid: use a whole number >= 1")
+    # Enough batches that batches queued ahead cannot inflate the rate (bench.steady_batches_needed).
+    batches = args.batches or max(steady_batches_needed(w) for w in workers)
     dataset = _load_from_args(args, on_error="skip", output=args.output)
+    _say_load_warnings(args)
     report = bench_loader(
         dataset,
         workers=workers,
@@ -337,36 +462,81 @@ def _run_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         source=str(args.source),
         budget_cpus=budget.cpus,
-        progress=stderr_progress("stoker: bench"),
+        progress=progress_bar("stoker: bench", unit="batches"),
     )
-    if args.plot:
-        plot_bench(report, args.plot)
+    planned = stoker.plan_loader(budget=budget, warn=False).num_workers
     if args.json:
         _print_json(report)
-        return 0
-    print("\n".join(_render_bench(report, args.plot)))
+    else:
+        print("\n".join(_render_bench(report, planned)))
+    if plot is not None:
+        try:
+            plot_bench(report, plot, planned_workers=planned)
+        except OSError as err:
+            raise StokerError(f"--plot {plot}: could not write the plot: {err.strerror}") from None
+        if not args.json:
+            print(f"Plot: {plot}")
     return 0
 
 
-def _render_bench(report: Any, plot: str | None) -> list[str]:
+def _check_plot_path(text: str) -> Path:
+    """The plot's path, checked before measuring: its folder exists and can be written."""
+    path = Path(text)
+    folder = path.parent
+    if not folder.is_dir():
+        raise StokerError(
+            f"--plot {text}: the folder {folder} does not exist; create it or pick another path"
+        )
+    if path.is_dir():
+        raise StokerError(f"--plot {text} is a folder; give a file name such as bench.png")
+    if not os.access(folder, os.W_OK):
+        raise StokerError(f"--plot {text}: the folder {folder} cannot be written")
+    return path
+
+
+def _render_bench(report: Any, planned_workers: int | None = None) -> list[str]:
+    from stoker.bench import steady_batches_needed
+
     mib = 2**20
+    first = report.measurements[0]
     lines = [
-        f"{report.source}: CPU budget {report.budget_cpus}, "
-        f"{report.measurements[0].batches} batches per run, {report.repeats} run(s) each (median)",
-        "  workers  start   images/s  first batch s  workers PSS MiB  total PSS MiB",
+        f"{report.source}: CPU budget {_plural(report.budget_cpus, 'CPU')}, "
+        f"{_plural(first.batches, 'batch', 'batches')} per run (the first workers x 2 are "
+        f"warm-up, not timed), {_plural(report.repeats, 'run')} per setting",
+        "   workers  start   images/s  lowest-highest  first batch s  workers MiB  total MiB",
     ]
     for m in report.measurements:
         workers_pss = "-" if m.worker_pss_bytes is None else f"{m.worker_pss_bytes / mib:.0f}"
         total_pss = "-" if m.total_pss_bytes is None else f"{m.total_pss_bytes / mib:.0f}"
+        rates = m.run_images_per_second or (m.images_per_second,)
+        spread = f"{rates[0]:.1f}-{rates[-1]:.1f}" if len(rates) > 1 else "-"
+        flag = "?" if m.caveats else " "
+        mark = "*" if m.workers == planned_workers else " "
         lines.append(
-            f"  {m.workers:>7}  {m.start_method or '-':<6} {m.images_per_second:9.1f} "
-            f"{m.first_batch_seconds:14.2f} {workers_pss:>16} {total_pss:>14}"
+            f" {mark} {m.workers:>7}  {m.start_method or '-':<6} {m.images_per_second:8.1f}{flag}"
+            f" {spread:>15} {m.first_batch_seconds:14.2f} {workers_pss:>12} {total_pss:>10}"
         )
+    if planned_workers is not None:
+        lines.append(f"  * stoker's default for this budget (workers={planned_workers})")
+    lines += [f"Note: {note}" for note in report.notes]
+    caveats = [(m, c) for m in report.measurements for c in m.caveats]
+    if caveats:
+        lines.append("? Not reliable:")
+        lines += [f"  {_plural(m.workers, 'worker')}: {c}" for m, c in caveats]
+        if any(m.batches < steady_batches_needed(m.workers) for m, _ in caveats):
+            lines.append("  (--batches sets the batches per run, --repeats the runs)")
     best = report.best()
-    lines.append(f"Fastest: {best.workers} workers ({best.images_per_second:.1f} images/s).")
-    if plot:
-        lines.append(f"Plot: {plot}")
+    verdict = "" if report.reliable else " (not reliable, see above)"
+    lines.append(
+        f"Fastest: {_plural(best.workers, 'worker')} ({best.images_per_second:.1f} images/s)"
+        f"{verdict}."
+    )
     return lines
+
+
+def _plural(count: int, noun: str, plural: str | None = None) -> str:
+    """``1 CPU``, ``2 CPUs``; ``plural`` for irregular nouns (``batch``/``batches``)."""
+    return f"{count} {noun if count == 1 else (plural or noun + 's')}"
 
 
 # --- tune ----------------------------------------------------------------------------------------
@@ -374,6 +544,7 @@ def _render_bench(report: Any, plot: str | None) -> list[str]:
 
 def _run_tune(args: argparse.Namespace) -> int:
     dataset = _load_from_args(args)
+    _say_load_warnings(args)
     result = stoker.tune_loader(
         dataset,
         request=stoker.LoaderRequest(workers="auto"),
@@ -392,7 +563,7 @@ def _render_tune(result: Any, source: str) -> list[str]:
     budget, memory = result.plan.budget, result.memory
     gib = "unknown" if memory.usable_bytes is None else f"{memory.usable_bytes / 2**30:.1f} GiB"
     lines = [
-        f"Measured {source} on a CPU budget of {budget.cpus} ({budget.source}); "
+        f"Measured {source} on a CPU budget of {_plural(budget.cpus, 'CPU')} ({budget.source}); "
         f"memory for workers: {gib} ({memory.source})",
         "   workers  prefetch  batches/s  samples/s  first batch  MiB/worker  note",
     ]
@@ -412,11 +583,18 @@ def _render_tune(result: Any, source: str) -> list[str]:
         lines.append(
             f"Probe: {result.probe_seconds:.1f} s (limit {result.time_limit_seconds:.1f} s){where}"
         )
-    lines.append(
-        "Use it: stoker.make_loader(dataset, workers='auto'"
+    call = (
+        "stoker.make_loader(dataset, workers='auto'"
         + (f", consumer_rate={result.consumer_rate:g}" if result.consumer_rate else "")
-        + ") reuses this choice"
+        + ")"
     )
+    if result.cached or result.cache_path:
+        lines.append(f"Use it: {call} reuses this choice")
+    else:
+        lines.append(
+            f"Not remembered (--no-cache, or a dataset stoker cannot fingerprint): {call} "
+            "measures again"
+        )
     return lines
 
 
@@ -425,7 +603,7 @@ def _add_tune_parser(sub: Any) -> None:
         "tune",
         help="measure worker counts on your dataset and choose the fewest that keep up",
         description="Measure candidate worker counts within the CPU budget on your dataset "
-        "(at most 10 s or 5%% of an epoch), choose the fewest within 5%% of the best, or the "
+        "(at most 10 s or 5% of an epoch), choose the fewest within 5% of the best, or the "
         "fewest that keep up with --consumer-rate, and remember the choice for "
         "make_loader(dataset, workers='auto'). Rules: docs/tuning.md.",
     )
@@ -438,7 +616,9 @@ def _add_tune_parser(sub: Any) -> None:
         help="batches/s your training step takes (choose the fewest workers that keep up)",
     )
     tune.add_argument(
-        "--no-cache", action="store_true", help="measure even if a choice is remembered"
+        "--no-cache",
+        action="store_true",
+        help="measure even if a choice is remembered, and do not remember this one",
     )
     tune.add_argument("--json", action="store_true", help="print the result as JSON")
     tune.set_defaults(run=_run_tune)
@@ -476,6 +656,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_source_options(scan)
     scan.add_argument("--json", action="store_true", help="print the report as JSON")
+    scan.add_argument("--latent-cache", default=None, metavar="DIR", help="report this cache")
+    scan.add_argument("--text-cache", default=None, metavar="DIR", help="report this cache")
     scan.set_defaults(run=_run_scan)
 
     demo = sub.add_parser(
@@ -490,6 +672,9 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_run_demo)
     _add_bench_parser(sub)
     _add_tune_parser(sub)
+    from stoker.cli_cache import add_cache_parser
+
+    add_cache_parser(sub, _add_source_options)
     return parser
 
 
@@ -509,10 +694,21 @@ def _add_bench_parser(sub: Any) -> None:
         help="worker counts to measure (auto: 0 to the CPU budget)",
     )
     bench.add_argument(
-        "--batches", type=int, default=None, help="batches per run (default: 6 x most workers)"
+        "--batches",
+        type=int,
+        default=None,
+        help="batches per run (default: enough that batches prefetched ahead cannot inflate the "
+        "rate by more than a seventh: the warm-up plus 8x it, at least 20)",
     )
-    bench.add_argument("--repeats", type=int, default=1, help="runs per setting (median kept)")
-    bench.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), default=None)
+    bench.add_argument(
+        "--repeats", type=int, default=3, help="runs per setting; the median is shown (default 3)"
+    )
+    bench.add_argument(
+        "--start-method",
+        choices=("fork", "spawn", "forkserver"),
+        default=None,
+        help="how worker processes start (default: the platform's)",
+    )
     bench.add_argument(
         "--output", choices=("float", "uint8"), default="float", help="images as float or uint8"
     )
@@ -530,8 +726,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StokerError, ValueError) as err:
         if args.debug:
             raise
-        print(f"stoker: error: {err}", file=sys.stderr)
+        print(f"stoker: error: {_cli_words(str(err))}", file=sys.stderr)
         return 1 if isinstance(err, StokerError) else 2
+    except OSError as err:  # the file system said no: say what and where, without a traceback
+        if args.debug:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"stoker: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -228,8 +228,8 @@ def input_bound_advice(
     advice = []
     if measured and workers < max_workers:
         advice.append(
-            f"workers='auto' measured {workers} workers as fast as more on this budget "
-            f"({budget}), so more workers will not help; the steps below may"
+            f"workers='auto' measured {workers} worker{'' if workers == 1 else 's'} as fast as "
+            f"more on this budget ({budget}), so more workers will not help; the steps below may"
         )
     elif workers < max_workers:
         advice.append(

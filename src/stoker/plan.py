@@ -388,8 +388,8 @@ def _rule_workers(
         )
     else:
         why = (
-            f"only {budget.cpus} CPUs are available to this process ({budget.source}); more "
-            "workers would compete for them and use more RAM"
+            f"only {budget.cpus} CPU{' is' if budget.cpus == 1 else 's are'} available to this "
+            f"process ({budget.source}); more workers would compete for them and use more RAM"
         )
     _changed(d, "workers", r.workers, d.workers, why)
 

@@ -22,6 +22,7 @@ class Stream(enum.IntEnum):
     IMAGE = 2
     REPLACE = 3
     SPLIT = 4
+    LATENT = 5
 
 
 def keyed_rng(seed: int, epoch: int, position: int, stream: Stream) -> np.random.Generator:

@@ -12,6 +12,9 @@ for a reason a public API does not cover:
   instead of from whatever line the training loop runs;
 - ``_shutdown_workers``: stop workers now after a failure, so none is left as a zombie;
 - ``DataLoader._iterator``: the iterator that holds persistent workers.
+- ``DataLoader._index_sampler`` (the sampler the iterators draw from and ``len()`` counts):
+  ``StokerLoader`` overrides it to iterate this rank's batches while ``batch_sampler`` shows every
+  rank's, so accelerate's ``prepare`` re-shards to the same split (``loader.build``).
 
 Written against torch ``TESTED_TORCH``. When a member is missing (a torch release changed it),
 stoker warns once and falls back to plain DataLoader behaviour for that feature; nothing else

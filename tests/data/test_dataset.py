@@ -304,9 +304,7 @@ def test_every_source_conforms_deterministic_and_resumable(kind, augmented, tmp_
     if kind == "toml":
         dataset = augmented
     else:
-        # Its own folder: the augmented fixture's "s" holds an edited dataset.toml, which the
-        # sample writer refuses to overwrite.
-        sample = write_sample_dataset(tmp_path / "plain", images=10)
+        sample = write_sample_dataset(tmp_path / "source", images=10)
         dataset = _augmented_source(sample, kind, tmp_path)
 
     def build(*, seed, workers):
@@ -470,8 +468,17 @@ def test_nothing_to_train_on_is_an_error(sample):
         "[[datasets]]\nresolution = 256\n[[datasets.subsets]]\n"
         "image_dir = 'train/10_sks dog'\nnum_repeats = 0\nclass_tokens = 'dog'\n"
     )
-    with pytest.raises(DatasetError, match="every subset has num_repeats = 0"):
+    with pytest.raises(DatasetError, match="every training subset has num_repeats = 0"):
         load_dataset(zero)
+    # An empty training folder next to a reg folder: the images are missing, not the repeats.
+    (sample.root / "empty").mkdir()
+    empty = sample.root / "empty.toml"
+    empty.write_text(
+        "[[datasets]]\nresolution = 256\n[[datasets.subsets]]\nimage_dir = 'empty'\n"
+        "num_repeats = 10\n[[datasets.subsets]]\nimage_dir = 'reg/1_dog'\nis_reg = true\n"
+    )
+    with pytest.raises(DatasetError, match=r"the training subsets have no usable images \("):
+        load_dataset(empty)
 
 
 def test_validation_without_a_split_is_a_clear_error(sample):

@@ -13,7 +13,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset
 
-from stoker.data.sampler import BucketBatchSampler, SampleBatch, balance_reg_repeats
+from stoker.data.sampler import (
+    AllRanksBatchSampler,
+    BucketBatchSampler,
+    SampleBatch,
+    balance_reg_repeats,
+)
 
 # 13 images in 3 groups; image 7 (group -1) and image 5 (repeats 0) are excluded: 19 samples.
 GROUPS = np.array([0, 1, 0, 2, 1, 1, 0, -1, 2, 0, 1, 2, 0])
@@ -217,6 +222,38 @@ def test_rank_shards_partition_the_epoch(
     for batches, sampler in zip(per_rank, shards, strict=True):
         steps = [b[0][3] for b in batches]
         assert steps == [epoch * len(sampler) + k for k in range(len(batches))]
+
+
+@pytest.mark.parametrize("policy", ["pad", "drop"])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 9])
+def test_all_ranks_stream_dealt_round_robin_gives_each_rank_its_shard(
+    world_size: int, policy: str
+) -> None:
+    # What accelerate's BatchSamplerShard does to loader.batch_sampler: slot s goes to rank s % n.
+    for rank in range(world_size):
+        mine = _sampler(world_size=world_size, rank=rank, even_batches=policy)
+        view = AllRanksBatchSampler(_sampler(world_size=world_size, rank=rank, even_batches=policy))
+        assert len(view) == len(mine) * world_size
+        for _ in range(2):  # both advance to the next epoch the same way
+            stream = list(view)
+            assert len(stream) == len(view)
+            dealt = [b for s, b in enumerate(stream) if s % world_size == rank]
+            expected = list(mine)
+            assert dealt == expected  # keys, steps included
+            assert [b.padded for b in dealt] == [b.padded for b in expected]
+
+
+def test_all_ranks_stream_counts_this_ranks_batches_for_resume() -> None:
+    view = AllRanksBatchSampler(_sampler(world_size=3, rank=1))
+    stream = iter(view)
+    for _ in range(5):  # slots 0..4: rank 1 owns slots 1 and 4
+        next(stream)
+    state = view.rank_sampler.state_dict()
+    assert (state["epoch"], state["batches_done"]) == (0, 2)
+    resumed = AllRanksBatchSampler(_sampler(world_size=3, rank=1))
+    resumed.rank_sampler.load_state_dict(state)
+    rest = [b for s, b in enumerate(resumed) if s % 3 == 1]
+    assert rest == _sampler(world_size=3, rank=1).epoch_batches(0)[2:]
 
 
 def test_padding_repeats_batches_from_the_start() -> None:

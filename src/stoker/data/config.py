@@ -40,7 +40,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -129,6 +129,9 @@ _DATASET_KEYS = {
     "validation_seed": _INT,
     "resize_interpolation": _STR,
     "skip_image_resolution": _SIZE,
+    # stoker's caches (stoker.cache): folders, relative to the config file's folder.
+    "latent_cache": _PATH,
+    "text_cache": _PATH,
 }
 # Dataset settings that sd-scripts takes only from its command line, never from a config file.
 _OVERRIDE_ONLY_KEYS = {"prior_loss_weight": _FLOAT, "debug_dataset": _BOOL}
@@ -340,6 +343,8 @@ class DatasetConfig:
         validation_seed: Seed of that split; ``None`` uses the training seed.
         resize_interpolation: Dataset default for subsets that do not set their own.
         skip_image_resolution: Leave out images whose area is at most this ``(width, height)``.
+        latent_cache: stoker's latent cache folder for this dataset (``stoker.cache_latents``).
+        text_cache: stoker's text-encoder cache folder (``stoker.cache_text_encoder_outputs``).
         prior_loss_weight: Loss weight of regularization images (command line only in sd-scripts).
         debug_dataset: sd-scripts' dataset preview mode (command line only in sd-scripts).
         validation: True for the held-out copy that the dataset builds from ``validation_split``.
@@ -359,6 +364,8 @@ class DatasetConfig:
     validation_seed: int | None = None
     resize_interpolation: str | None = None
     skip_image_resolution: tuple[int, int] | None = None
+    latent_cache: Path | None = None
+    text_cache: Path | None = None
     prior_loss_weight: float = 1.0
     debug_dataset: bool = False
     validation: bool = False
@@ -478,7 +485,8 @@ def parse_dataset_config(
     override_layer = _check_overrides(overrides)
     built = []
     for index, raw in enumerate(datasets, 1):
-        built.append(_build_dataset(raw, index, source, (general_layer, override_layer)))
+        dataset = _build_dataset(raw, index, source, (general_layer, override_layer))
+        built.append(_cache_folders(dataset, source))
     return DatasetGroupConfig(datasets=tuple(built), source=file)
 
 
@@ -711,6 +719,16 @@ def _build_dataset(
                 values[key] = _resolve_path(values[key], key, subset_where, source)
         subsets.append(_make_subset(kind, subset_where, [values, layer, *lower]))
     return _make_dataset(_drop_duplicates(subsets), where, [layer, *lower])
+
+
+def _cache_folders(dataset: DatasetConfig, source: _Source) -> DatasetConfig:
+    """Cache folders may not exist yet: relative ones are taken from the config file's folder."""
+    latent, text = dataset.latent_cache, dataset.text_cache
+    return replace(
+        dataset,
+        latent_cache=None if latent is None else _absolute(source.folder, latent.expanduser()),
+        text_cache=None if text is None else _absolute(source.folder, text.expanduser()),
+    )
 
 
 def _make_subset(kind: SubsetKind, where: str, layers: Sequence[Mapping[str, Any]]) -> SubsetConfig:

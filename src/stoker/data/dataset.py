@@ -90,6 +90,68 @@ class DatasetReport:
     buckets: tuple[BucketReport, ...]
     notes: tuple[str, ...] = ()
 
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+    def lines(self) -> list[str]:
+        """The report as ``stoker scan`` prints it: one line per subset, note, bucket, problem."""
+        lines = [
+            f"{_counted(self.images, 'image')}, {_counted(self.samples_per_epoch, 'sample')} per "
+            f"epoch (with repeats), {_counted(self.batches_per_epoch, 'batch', 'batches')} per "
+            "epoch",
+            "Subsets:",
+        ]
+        train = sum(s.samples_per_epoch for s in self.subsets if not s.is_reg)
+        for sub in self.subsets:
+            kind = "reg  " if sub.is_reg else "train"
+            line = (
+                f"  {kind} {sub.images:>6} {'image ' if sub.images == 1 else 'images'} "
+                f"x{sub.num_repeats:<3} -> {sub.samples_per_epoch:>7} samples  {sub.folder}"
+            )
+            if sub.missing_captions:
+                line += f"  ({sub.missing_captions} without caption)"
+            if sub.is_reg and sub.samples_per_epoch != sub.images * sub.num_repeats:
+                line += (
+                    f"  (balanced: as sd-scripts does, regularisation images are repeated to "
+                    f"match the {train} training samples, not x{sub.num_repeats})"
+                )
+            lines.append(line)
+        lines += [f"Note: {note}" for note in self.notes]
+        for d, buckets in enumerate(self.buckets):
+            lines.append(
+                f"Buckets of dataset {d + 1} (mean aspect error {buckets.mean_ar_error:.4f}):"
+            )
+            lines += [
+                f"  {b.width:>5} x {b.height:<5} {b.count:>7} {'image ' if b.count == 1 else 'images'}"
+                f"  aspect error {b.mean_ar_error:+.4f}"
+                for b in buckets.buckets
+            ]
+        if self.problems:
+            lines.append(f"Problems ({len(self.problems)}):")
+            lines += [f"  {p.path}: {p.reason} [{p.action}]" for p in self.problems]
+        return lines
+
+
+def _spelling_free(value: Any) -> Any:
+    """Config records without their ``where`` (the source path as the caller spelled it), so
+    ``ds/x.toml`` and ``/abs/ds/x.toml`` share one fingerprint; image paths are already absolute."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (
+            type(value).__qualname__,
+            tuple(
+                (f.name, _spelling_free(getattr(value, f.name)))
+                for f in dataclasses.fields(value)
+                if f.name != "where"
+            ),
+        )
+    if isinstance(value, (tuple, list)):
+        return tuple(_spelling_free(v) for v in value)
+    return value
+
+
+def _counted(count: int, noun: str, plural: str | None = None) -> str:
+    return f"{count} {noun if count == 1 else (plural or noun + 's')}"
+
 
 def passthrough_collate(batch: Any) -> Any:
     """``collate_fn`` for datasets whose ``__getitems__`` already returns a whole batch."""
@@ -140,6 +202,9 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.has_alpha = any(s.alpha_mask for s in catalog.subsets)
         self.has_conditioning = any(s.conditioning_data_dir is not None for s in catalog.subsets)
         self.decode_problems: list[Problem] = []  # filled in the main process by the loader
+        # Set by load_dataset(latent_cache=..., text_cache=...): readers of stoker.cache.
+        self.latents: Any = None
+        self.text: Any = None
         self._catalog_id: str | None = None
 
     @property
@@ -212,8 +277,8 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             type(self).__qualname__,
             self.output,
             self.fast_decode,
-            repr(catalog.subsets),
-            repr(self.datasets),
+            repr(_spelling_free(catalog.subsets)),
+            repr(_spelling_free(self.datasets)),
         )
         digest.update(repr(settings).encode())
         return digest.hexdigest()
@@ -247,6 +312,8 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         if not samples:
             return {"empty": True, "replaced": replaced, "images": None, "captions": []}
         batch = _collate(samples, float_images=self.output == "float")
+        if self.text is not None:  # cached text-encoder outputs of the final captions
+            batch |= self.text.collate(batch["captions"])
         batch["replaced"] = replaced
         _share_in_worker(batch)
         return batch
@@ -309,22 +376,22 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         interpolation = subset.resize_interpolation or dataset.resize_interpolation
         flip = bool(subset.flip_aug and rng.random() < 0.5)
         face = parse_face_info(Path(path).stem) if subset.face_crop_aug_range else None
-        if face is not None and not dataset.enable_bucket:
+        pixels: np.ndarray | None = None
+        if self.latents is not None:
+            # The cache holds both views; noise is keyed like every other draw (stoker.cache).
+            noise_seed = int(keyed_rng(self.seed, epoch, position, Stream.LATENT).integers(2**63))
+            latent = self.latents.sample(index, flip, noise_seed)
+            crop = conditioning_crop_top_left(original_wh, bucket, flipped=flip)
+        elif face is not None and not dataset.enable_bucket:
             pixels = self._face_sample(index, subset, face, bucket, rng, interpolation, flip)
             crop = (0, 0)
         else:
-            img = open_image(
-                path,
-                alpha=subset.alpha_mask,
-                draft_size=resized if self.fast_decode else None,
-                expect_size=original_wh,
-            )
-            pixels = _fit(img, subset, resized, bucket, rng, interpolation, flip)
+            pixels = self._decode_fit(index, resized, bucket, rng, flip)
             crop = conditioning_crop_top_left(original_wh, bucket, flipped=flip)
-        if subset.color_aug:
+        if subset.color_aug and pixels is not None:
             pixels[..., :3] = color_aug(np.ascontiguousarray(pixels[..., :3]), rng)
         sample: dict[str, Any] = {
-            "pixels": pixels,
+            "pixels": pixels if pixels is not None else latent,
             "caption": self._caption(index, subset_index, epoch, position, step),
             "loss_weight": dataset.prior_loss_weight if subset.is_reg else 1.0,
             "original_size_hw": (original_wh[1], original_wh[0]),
@@ -341,6 +408,36 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 index, resized, bucket, epoch, position, interpolation, flip
             )
         return sample
+
+    def _decode_fit(
+        self,
+        index: int,
+        resized: tuple[int, int],
+        bucket: tuple[int, int],
+        rng: np.random.Generator,
+        flip: bool,
+    ) -> np.ndarray:
+        """Decode the image at ``index``, resize it, crop it to its bucket and flip it."""
+        subset = self.catalog.subsets[int(self.catalog.subset[index])]
+        dataset = self.datasets[self.catalog.dataset_of_subset[int(self.catalog.subset[index])]]
+        interpolation = subset.resize_interpolation or dataset.resize_interpolation
+        img = open_image(
+            self.catalog.paths[index],
+            alpha=subset.alpha_mask,
+            draft_size=resized if self.fast_decode else None,
+            expect_size=(int(self.catalog.widths[index]), int(self.catalog.heights[index])),
+        )
+        return _fit(img, subset, resized, bucket, rng, interpolation, flip)
+
+    def view_pixels(self, index: int) -> np.ndarray:
+        """The image at ``index`` as every epoch sees it before flip: ``(H, W, C)`` uint8.
+
+        Decoded, resized and centre-cropped to its bucket exactly as a training sample is (the
+        latent cache encodes this, and its mirror image for ``flip_aug``).
+        """
+        resized = (int(self.resized_wh[index, 0]), int(self.resized_wh[index, 1]))
+        bucket = (int(self.bucket_wh[index, 0]), int(self.bucket_wh[index, 1]))
+        return self._decode_fit(index, resized, bucket, keyed_rng(0, 0, index, Stream.IMAGE), False)
 
     def _face_sample(
         self,
@@ -423,9 +520,13 @@ def _fit(
 def _collate(samples: list[dict[str, Any]], *, float_images: bool) -> dict[str, Any]:
     """Stack samples of one bucket into sd-scripts' batch dict."""
     pixels = [s["pixels"] for s in samples]
-    images = _channels_first([p[..., :3] for p in pixels])
-    batch: dict[str, Any] = {
-        "images": to_float_images(images) if float_images else images,
+    batch: dict[str, Any] = {}
+    if isinstance(pixels[0], torch.Tensor):  # latents from the cache (stoker.cache)
+        batch["latents"] = torch.stack(pixels)
+    else:
+        images = _channels_first([p[..., :3] for p in pixels])
+        batch["images"] = to_float_images(images) if float_images else images
+    batch |= {
         "captions": [s["caption"] for s in samples],
         "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
         "original_sizes_hw": torch.tensor([s["original_size_hw"] for s in samples]),
@@ -502,6 +603,9 @@ def load_dataset(
     fast_decode: bool = True,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    latent_cache: str | os.PathLike[str] | Literal[False] | None = None,
+    text_cache: str | os.PathLike[str] | Literal[False] | None = None,
+    vae: Any = None,
     **overrides: Any,
 ) -> StokerDataset:
     """Load an sd-scripts dataset as it is.
@@ -524,12 +628,22 @@ def load_dataset(
         threads: parallel header reads; default: the CPU budget.
         progress: ``progress(done, total)`` while scanning; default: a bar on stderr when it is a
             terminal and the dataset is large.
+        latent_cache: a latent cache folder (``stoker.cache_latents``): batches carry ``latents``
+            instead of ``images`` and no image is opened; every other key is unchanged. Also the
+            ``latent_cache`` key of the config (``[general]`` or ``[[datasets]]``); ``False``
+            loads images even when the config names a cache.
+        text_cache: a text-encoder cache folder (``stoker.cache_text_encoder_outputs``): batches
+            also carry the text encoders' outputs for each caption. Also a config key; ``False``
+            ignores it.
+        vae: encode stale and missing latents with this VAE (object or folder) instead of raising.
         **overrides: dataset and subset keys (sd-scripts' command-line options), below the config.
 
     Raises:
         ConfigError: the config is invalid (the message names file, table and key).
         DatasetError: a folder is missing, nothing usable is left, or ``on_error="raise"`` found
             bad files.
+        CacheError: a cache has stale or missing entries (counts, files and the command that
+            fixes it), or a setting a cache cannot serve (``random_crop``, ``color_aug``, ...).
     """
     if on_error not in ("raise", "skip", "warn"):
         raise ValueError(f"on_error={on_error!r} is not valid: use 'warn', 'skip' or 'raise'")
@@ -551,7 +665,7 @@ def load_dataset(
         group.datasets, threads=threads, progress=progress or stderr_progress("stoker: scanning")
     )
     catalog = _split(catalog, group.datasets, validation=validation, seed=seed)
-    return _build(
+    dataset = _build(
         catalog,
         group,
         problems,
@@ -562,6 +676,30 @@ def load_dataset(
         fast_decode=fast_decode,
         source=Path(source),
     )
+    latents = (
+        _cache_folder(group.datasets, "latent_cache") if latent_cache is None else latent_cache
+    )
+    text = _cache_folder(group.datasets, "text_cache") if text_cache is None else text_cache
+    if latents or text:
+        from stoker.cache import attach_caches  # the cache package sits above data
+
+        attach_caches(dataset, latent_cache=latents or None, text_cache=text or None, vae=vae)
+    return dataset
+
+
+def _cache_folder(datasets: Sequence[DatasetConfig], key: str) -> Path | None:
+    """The one cache folder the datasets' ``key`` names (set in [general] or each dataset)."""
+    folders = {getattr(d, key) for d in datasets}
+    if len(folders) > 1:
+        where = ", ".join(f"{d.where}: {getattr(d, key)}" for d in datasets)
+        raise ConfigError(
+            f"{key} must name one folder for all datasets of a run (one cache holds them all), "
+            f"got {where}; set {key} once in [general]"
+        )
+    folder = folders.pop()
+    if folder is None:
+        return None
+    return Path(folder)
 
 
 def _read_source(
@@ -588,9 +726,18 @@ def _read_source(
         source.suffix.lower() == ".json" and _is_dataset_config(source)
     ):
         return parse_dataset_config(source, **extra)
+    if source.suffix.lower() not in (".json", ".jsonl"):
+        what = "an image" if source.suffix.lower() in _IMAGE_SUFFIXES else "not a dataset source"
+        raise DatasetError(
+            f"{source} is {what}; give the train_data_dir that holds its N_name folders, a "
+            "dataset config (.toml/.json), or fine-tuning metadata (.json/.jsonl)"
+        )
     if resolution is None:
         raise DatasetError(f"{source} is fine-tuning metadata: give resolution= (e.g. 1024)")
     return config_from_metadata(source, image_dir=image_dir, **extra)
+
+
+_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 def _check_warmup(group: DatasetGroupConfig, max_train_steps: int | None) -> None:
@@ -746,15 +893,7 @@ def _finish(
     batch_sizes = np.array([group.datasets[o].batch_size for o in group_owner], np.int64)
     repeats, notes = _repeats(catalog, owner)
     if int(repeats.sum()) == 0:
-        only_reg = all(s.is_reg for s in catalog.subsets)
-        raise DatasetError(
-            "nothing to train on: "
-            + (
-                "there are only regularisation subsets (is_reg = true); add a training subset"
-                if only_reg
-                else "every subset has num_repeats = 0; set num_repeats >= 1"
-            )
-        )
+        raise DatasetError("nothing to train on: " + _why_nothing_to_train(catalog))
     notes += [f"skipped folder {name}: {why}" for name, why in group.skipped_dirs]
     dataset = StokerDataset(
         catalog=catalog,
@@ -784,6 +923,22 @@ def _finish(
         notes=tuple(notes),
     )
     return dataset
+
+
+def _why_nothing_to_train(catalog: Catalog) -> str:
+    train = [i for i, s in enumerate(catalog.subsets) if not s.is_reg]
+    if not train:
+        return "there are only regularisation subsets (is_reg = true); add a training subset"
+    used = set(np.unique(catalog.subset).tolist())
+    if not used & set(train):
+        folders = ", ".join(
+            str(catalog.subsets[i].image_dir or catalog.subsets[i].metadata_file) for i in train
+        )
+        return (
+            f"the training subsets have no usable images ({folders}), and regularisation "
+            "images are balanced to the training samples, so they count 0 too; add images"
+        )
+    return "every training subset has num_repeats = 0; set num_repeats >= 1"
 
 
 def _repeats(catalog: Catalog, owner: np.ndarray) -> tuple[np.ndarray, list[str]]:

@@ -65,6 +65,7 @@ from torch.utils.data import Sampler
 from stoker.rng import Stream, keyed_rng
 
 __all__ = [
+    "AllRanksBatchSampler",
     "BATCH_ORDER_POSITION",
     "BucketBatchSampler",
     "SampleBatch",
@@ -172,10 +173,13 @@ class _EpochPlan:
         lengths: Per batch of this rank, its number of samples.
         positions: Per batch of this rank, the global position of its first sample.
         padded: Per batch of this rank, whether it is a repeat added by ``even_batches="pad"``.
+        slots_per_step: 1 for one rank's plan; ``world_size`` for every rank's (slot ``s`` is
+            then step ``s // world_size`` of its rank).
     """
 
     epoch: int
     steps_before: int
+    slots_per_step: int = 1
     samples: np.ndarray
     starts: np.ndarray
     lengths: np.ndarray
@@ -193,7 +197,7 @@ class _EpochPlan:
             repeat(self.epoch, size),
             range(first, first + size),
             images,
-            repeat(self.steps_before + k, size),
+            repeat(self.steps_before + k // self.slots_per_step, size),
             strict=True,
         )
         return SampleBatch(keys, padded=bool(self.padded[k]))
@@ -289,18 +293,33 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         the first iterator away unused (``_MultiProcessingDataLoaderIter.__init__`` then
         ``_reset(first_iter=True)``), which would otherwise skip an epoch.
         """
+        return self._iterate(all_ranks=False)
+
+    def iter_all_ranks(self) -> Iterator[SampleBatch]:
+        """Every rank's batches of the next epoch, in the order the ranks take them.
+
+        Slot ``s`` of the stream is batch ``s // world_size`` of rank ``s % world_size``, so a
+        wrapper that deals batch ``s`` to rank ``s % world_size`` (accelerate's
+        ``BatchSamplerShard``) hands each rank exactly what ``__iter__`` would. It claims and
+        advances the epoch as ``__iter__`` does, and counts this rank's batches as drawn.
+        """
+        return self._iterate(all_ranks=True)
+
+    def _iterate(self, *, all_ranks: bool) -> Iterator[SampleBatch]:
         epoch, start = self._next_epoch, self._next_start
         self._next_epoch, self._next_start = epoch + 1, 0
         self._current, self._yielded, self._consumed = epoch, start, start
         self._start = start
         self._iteration += 1
         iteration = self._iteration
-        plan = self._plan(epoch)
-        for k in range(start, len(plan)):
-            batch = plan.batch(k)
+        plan = self._plan(epoch, all_ranks=all_ranks)
+        width = self.world_size if all_ranks else 1
+        for slot in range(start * width, len(plan)):
+            batch = plan.batch(slot)
             # A stale iterator from an earlier epoch must not move the count of the current one.
             if iteration == self._iteration:
-                self._yielded = k + 1
+                # This rank's batches among slots 0..slot: those with slot % width == rank.
+                self._yielded = (slot - self.rank) // width + 1 if all_ranks else slot + 1
             yield batch
 
     def batch_of_iteration(self, index: int) -> SampleBatch | None:
@@ -443,8 +462,11 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         samples, starts, lengths = self._caches["layout"]
         return samples, starts, lengths
 
-    def _plan(self, epoch: int) -> _EpochPlan:
-        """Lay out ``epoch``: shuffle within groups, cut batches, shuffle them, take this rank's."""
+    def _plan(self, epoch: int, *, all_ranks: bool = False) -> _EpochPlan:
+        """Lay out ``epoch``: shuffle within groups, cut batches, shuffle them, take this rank's.
+
+        With ``all_ranks`` every rank's slots are kept, in slot order (see ``iter_all_ranks``).
+        """
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         samples, starts, lengths = self._layout()
@@ -454,17 +476,46 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
             perm = order.permutation(starts.size)
             starts, lengths = starts[perm], lengths[perm]
         positions = np.cumsum(lengths) - lengths
-        slots = np.arange(self.rank, self._per_rank * self.world_size, self.world_size)
+        width = self.world_size
+        slots = np.arange(
+            0 if all_ranks else self.rank, self._per_rank * width, 1 if all_ranks else width
+        )
         mine = slots % max(starts.size, 1)
         return _EpochPlan(
             epoch=epoch,
             steps_before=epoch * self._per_rank,
+            slots_per_step=width if all_ranks else 1,
             samples=samples,
             starts=starts[mine],
             lengths=lengths[mine],
             positions=positions[mine],
             padded=slots >= starts.size,
         )
+
+
+class AllRanksBatchSampler(Sampler[SampleBatch]):
+    """Every rank's batches, as a distributed wrapper expects an unsharded batch sampler to be.
+
+    ``make_loader`` gives this as the DataLoader's ``batch_sampler`` and iterates
+    ``rank_sampler`` itself. A wrapper that shards ``loader.batch_sampler`` again by dealing batch
+    ``s`` to rank ``s % world_size`` (``accelerator.prepare``) then gets each rank exactly the
+    batches stoker would give it, instead of a second cut that loses half the data. There is no
+    ``batch_size`` attribute on purpose: accelerate then treats batches as variable in size and
+    keeps partial bucket batches whole.
+
+    Attributes:
+        rank_sampler: This rank's ``BucketBatchSampler``.
+    """
+
+    def __init__(self, rank_sampler: BucketBatchSampler) -> None:
+        self.rank_sampler = rank_sampler
+
+    def __iter__(self) -> Iterator[SampleBatch]:
+        return self.rank_sampler.iter_all_ranks()
+
+    def __len__(self) -> int:
+        """All ranks' batches per epoch: a whole number of rounds, so a wrapper pads nothing."""
+        return len(self.rank_sampler) * self.rank_sampler.world_size
 
 
 def _as_int_array(name: str, values: np.ndarray) -> np.ndarray:

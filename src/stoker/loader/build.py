@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from stoker import torch_internals
 from stoker.data.protocol import BatchingDataset, ResumableBatchSampler
+from stoker.data.sampler import AllRanksBatchSampler
 from stoker.errors import Problem
 from stoker.loader.failures import explain_failure, stop_workers
 from stoker.monitor import (
@@ -84,12 +85,30 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
     _live: Any = None
 
     @property
+    def rank_sampler(self) -> Any:
+        """What this loader iterates: this rank's batch sampler.
+
+        For stoker datasets ``batch_sampler`` yields every rank's batches
+        (``AllRanksBatchSampler``), so that ``accelerator.prepare(loader)``, which shards
+        ``batch_sampler`` again, keeps every sample; the loader itself takes this rank's share.
+        """
+        return getattr(self.batch_sampler, "rank_sampler", self.batch_sampler)
+
+    @property
+    def _index_sampler(self) -> Any:
+        # torch's DataLoader iterates (and takes len() of) _index_sampler: this rank's batches.
+        if isinstance(self.batch_sampler, AllRanksBatchSampler):
+            return self.batch_sampler.rank_sampler
+        return super()._index_sampler
+
+    @property
     def resumable_sampler(self) -> ResumableBatchSampler | None:
-        """The batch sampler when it can say where it is (stoker datasets' samplers can)."""
-        sampler = self.batch_sampler
+        """This rank's batch sampler when it can say where it is (stoker datasets' can)."""
+        sampler = self.rank_sampler
         return sampler if isinstance(sampler, ResumableBatchSampler) else None
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator over torch's
+        _warn_if_ranks_disagree(self.rank_sampler)
         resumable = self.resumable_sampler
         consumed = resumable.mark_consumed if resumable is not None else None
         monitor = self.monitor
@@ -258,14 +277,15 @@ def build_loader(
         if dataset.seed != seed:
             dataset = dataset.with_seed(seed)
         if "batch_sampler" not in kwargs:
-            env_rank, env_world = distributed_from_env()
-            kwargs["batch_sampler"] = dataset.make_batch_sampler(
+            env_rank, env_world = distributed_ranks()
+            rank_sampler = dataset.make_batch_sampler(
                 seed=seed,
                 shuffle=shuffle,
                 rank=env_rank if rank is None else rank,
                 world_size=env_world if world_size is None else world_size,
                 even_batches=even_batches,
             )
+            kwargs["batch_sampler"] = AllRanksBatchSampler(rank_sampler)
             _tell_batch_size_ignored(batch_size, dataset)
         kwargs.setdefault("collate_fn", dataset.collate_fn)
         batch_size, shuffle = 1, False
@@ -287,6 +307,35 @@ def build_loader(
     elif isinstance(monitor, InputMonitor):
         loader.monitor = monitor
     return loader
+
+
+def distributed_ranks(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` of the running process group when there is one (Lightning starts
+    it before ``train_dataloader()``), else ``distributed_from_env``."""
+    group = _process_group() if environ is None else None
+    return group if group is not None else distributed_from_env(environ)
+
+
+def _process_group() -> tuple[int, int] | None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def _warn_if_ranks_disagree(sampler: Any) -> None:
+    """Warn once when the loader was sharded for other ranks than the running process group."""
+    group = _process_group()
+    mine = (getattr(sampler, "rank", None), getattr(sampler, "world_size", None))
+    if group is None or mine[1] is None or mine == group:
+        return
+    warn(
+        f"this loader was made for rank {mine[0]} of {mine[1]}, but torch.distributed runs "
+        f"rank {group[0]} of {group[1]}, so ranks will load overlapping or missing data. Make "
+        "the loader after the process group starts (with Lightning: in train_dataloader()), "
+        "or pass make_loader(..., rank=, world_size=)"
+    )
 
 
 def _tell_batch_size_ignored(batch_size: int | None, dataset: BatchingDataset) -> None:

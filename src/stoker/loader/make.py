@@ -10,6 +10,8 @@ import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
+import numpy as np
+
 from stoker.data.protocol import BatchingDataset
 from stoker.loader.build import StokerLoader, build_loader
 from stoker.monitor import InputMonitor
@@ -87,8 +89,11 @@ def make_loader(
         timeout=timeout,
         start_method=settings["start_method"],
     )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise ValueError(f"seed={seed!r} is not valid: use a whole number (e.g. seed=42) or None")
     if seed is None:
         seed = dataset.seed if isinstance(dataset, BatchingDataset) else secrets.randbits(63)
+    seed = int(seed)
     measured = None
     if "auto" in (request.workers, request.prefetch_factor) and hasattr(dataset, "__len__"):
         budget = resolve_budget(budget)

@@ -95,7 +95,7 @@ class Budget:
             cpus=float(cpus),
             raw=str(cpus),
             where="argument",
-            detail=f"{cpus} CPUs given by the caller",
+            detail=f"{cpus} CPU{'' if cpus == 1 else 's'} given by the caller",
         )
         return cls(
             cpus=cpus,
@@ -140,7 +140,7 @@ def cpu_budget(
                 cpus=float(len(affinity)),
                 raw=_cpu_list(affinity),
                 where="sched_getaffinity",
-                detail=f"{len(affinity)} CPUs allowed",
+                detail=f"{len(affinity)} CPU{'' if len(affinity) == 1 else 's'} allowed",
             )
         )
     limits += _cgroup_limits(base)
@@ -212,7 +212,7 @@ def _os_limit(count: int | None) -> Limit:
         cpus=float(count),
         raw=str(count),
         where="os.cpu_count()",
-        detail=f"{count} CPUs reported by the OS",
+        detail=f"{count} CPU{'' if count == 1 else 's'} reported by the OS",
     )
 
 
