@@ -36,14 +36,20 @@ class Case:
     run: Callable[[Path], list[Problem]]
     expect: str
     match: str = ""
+    warns: str = ""  # a fragment one of the warnings must hold
 
 
 CASES: dict[str, Case] = {}
 
 
-def case(expect: str, match: str = "", run: Callable[[Path], list[Problem]] | None = None) -> Any:
+def case(
+    expect: str,
+    match: str = "",
+    run: Callable[[Path], list[Problem]] | None = None,
+    warns: str = "",
+) -> Any:
     def register(build: Callable[[Path], None]) -> Callable[[Path], None]:
-        CASES[build.__name__] = Case(build, run or load_only, expect, match)
+        CASES[build.__name__] = Case(build, run or load_only, expect, match, warns)
         return build
 
     return register
@@ -304,7 +310,7 @@ def _victim_unchanged(folder: Path) -> list[Problem]:
     return problems
 
 
-@case("works", run=_victim_unchanged)
+@case("works", run=_victim_unchanged, warns="stoker never reads or writes through one")
 def scan_cache_symlink_planted(folder: Path) -> None:
     sub = good(folder)
     victim = folder / "victim.txt"
@@ -335,10 +341,21 @@ for _name, _content in {
 }.items():
     _build = _corrupt_cache(_content)
     _build.__name__ = _name
-    CASES[_name] = Case(_build, load_with_cache, "works")
+    CASES[_name] = Case(_build, load_with_cache, "works", warns="ignored the scan cache")
 
 
-@case("works", run=lambda folder: _fifo_cache(folder))
+@case("works", run=load_with_cache, warns="could not write the scan cache")
+def scan_cache_cannot_be_written(folder: Path) -> None:
+    sub = good(folder)
+    (sub / _CACHE).mkdir()  # the name is taken by a folder: no file can be written there
+
+
+@case("skip:missing_image", match="no image file was found", run=load_metadata_source)
+def metadata_key_without_image(folder: Path) -> None:
+    _metadata(folder, {"ghost": {"caption": "x"}})
+
+
+@case("works", run=lambda folder: _fifo_cache(folder), warns="FIFO")
 def scan_cache_fifo(folder: Path) -> None:
     sub = good(folder)
     os.mkfifo(sub / _CACHE)
@@ -634,3 +651,58 @@ def unreadable_subset_folder(folder: Path) -> None:
     locked.mkdir()
     Image.fromarray(pixels(256, 256)).save(locked / "x.jpg")
     locked.chmod(0o000)
+
+
+# --- the everyday bad files ------------------------------------------------------------------
+
+
+@case("skip:bad_image", match="zero-byte")
+def zero_byte_image(folder: Path) -> None:
+    (good(folder) / "empty.jpg").write_bytes(b"")
+
+
+@case("skip:bad_image", match="not an image")
+def text_named_png(folder: Path) -> None:
+    (good(folder) / "notes.png").write_text("this is not an image")
+
+
+@case("skip:bad_image", match="truncated")
+def png_header_cut_short(folder: Path) -> None:
+    sub = good(folder)
+    Image.fromarray(pixels(256, 256)).save(sub / "cut.png")
+    (sub / "cut.png").write_bytes((sub / "cut.png").read_bytes()[:20])
+
+
+@case(
+    "skip:too_small",
+    match="shorter than bucket_reso_steps",
+    run=lambda f: list(load(f, enable_bucket=True, bucket_no_upscale=True).report.problems),
+)
+def image_too_small_for_any_bucket(folder: Path) -> None:
+    # Without upscaling, a side under bucket_reso_steps (64) fits no bucket.
+    Image.fromarray(pixels(16, 200)).save(good(folder) / "sliver.jpg")
+
+
+@case("skip:bad_caption", match="not UTF-8")
+def caption_not_utf8(folder: Path) -> None:
+    (good(folder) / "good0.caption").write_bytes("caf\u00e9".encode("latin-1"))
+
+
+@case("skip:bad_caption", match="empty")
+def caption_empty(folder: Path) -> None:
+    (good(folder) / "good0.caption").write_text("  \n")
+
+
+def _no_class_tokens(folder: Path) -> list[Problem]:
+    return list(load(folder, source=folder / "dataset.toml", resolution=None).report.problems)
+
+
+@case("skip:missing_caption", match="no caption file", run=_no_class_tokens)
+def caption_missing_without_class_tokens(folder: Path) -> None:
+    _toml(folder, f"[[datasets]]\nresolution = 256\n{_SUBSET}")
+    (folder / "train" / "1_sks" / "good0.caption").unlink()
+
+
+@case("error:ConfigError", match="did you mean", run=load_toml)
+def config_unknown_key(folder: Path) -> None:
+    _toml(folder, f"[[datasets]]\nresolution = 256\n{_SUBSET}num_repeat = 2\n")

@@ -75,3 +75,5 @@ def test_case_has_its_promised_outcome(name: str, outcomes: dict[str, dict[str, 
     if expected_class == "skip":
         assert expected_detail in got["kinds"], got
     assert case.match in got["detail"], got
+    if case.warns:
+        assert any(case.warns in w for w in got["warnings"]), got

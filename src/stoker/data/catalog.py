@@ -69,9 +69,15 @@ class StringTable:
     def from_strings(cls, strings: Iterable[str]) -> StringTable:
         # surrogateescape: a file name that is not UTF-8 (Linux hands it over with surrogates)
         # round-trips to the same bytes, so it still opens the same file.
-        encoded = [s.encode("utf-8", "surrogateescape") for s in strings]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        items = strings if isinstance(strings, list) else list(strings)
+        offsets = np.zeros(len(items) + 1, dtype=np.int64)
+        joined = "".join(items)
+        blob = joined.encode("utf-8", "surrogateescape")
+        if len(blob) == len(joined):  # all ASCII, the usual case: bytes = characters
+            np.cumsum(np.fromiter(map(len, items), np.int64, len(items)), out=offsets[1:])
+            return cls(blob, offsets)
+        encoded = [s.encode("utf-8", "surrogateescape") for s in items]
+        np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
         return cls(b"".join(encoded), offsets)
 
     def __len__(self) -> int:
@@ -82,8 +88,15 @@ class StringTable:
         return self._blob[start:end].decode("utf-8", "surrogateescape")
 
     def take(self, indices: np.ndarray) -> StringTable:
-        """A new table of the entries at ``indices``, in that order."""
-        return StringTable.from_strings(self[int(i)] for i in indices)
+        """A new table of the entries at ``indices``, in that order (bytes copied, not decoded)."""
+        starts = self._offsets[:-1][indices].tolist()
+        ends = self._offsets[1:][indices].tolist()
+        blob = self._blob
+        offsets = np.zeros(len(starts) + 1, dtype=np.int64)
+        np.cumsum(np.asarray(ends, np.int64) - np.asarray(starts, np.int64), out=offsets[1:])
+        return StringTable(
+            b"".join([blob[a:b] for a, b in zip(starts, ends, strict=True)]), offsets
+        )
 
     @property
     def nbytes(self) -> int:
@@ -135,6 +148,8 @@ class Catalog:
 
     def select(self, keep: np.ndarray) -> Catalog:
         """The catalog restricted to the images at the indices in ``keep`` (in that order)."""
+        if len(keep) == len(self) and np.array_equal(keep, np.arange(len(self))):
+            return self  # arrays are never changed in place, so sharing is safe
         return Catalog(
             paths=self.paths.take(keep),
             captions=self.captions.take(keep),
@@ -424,48 +439,69 @@ class _KeyFinder:
         self.base = os.path.abspath(base)
         self.root = os.path.realpath(base)
         self.extensions = image_extensions()
-        self._folders: dict[str, dict[str, bool]] = {}  # folder -> name -> is_symlink
+        # A key without extension matches <key><ext> in this order, as sd-scripts tries them.
+        variants = [v for ext in self.extensions for v in (ext, ext.upper())]
+        self._rank = {ext: i for i, ext in enumerate(variants)}
+        self._folders: dict[str, _Listing] = {}
 
-    def _listing(self, folder: str) -> dict[str, bool]:
-        names = self._folders.get(folder)
-        if names is None:
-            names = {}
+    def _listing(self, folder: str) -> _Listing:
+        listing = self._folders.get(folder)
+        if listing is None:
+            listing = _Listing()
             try:
                 with os.scandir(folder) as it:
                     for entry in it:
-                        if _has_ext(entry.name, self.extensions):
-                            names[entry.name] = entry.is_symlink()
+                        listing.add(entry.name, entry.is_symlink(), self._rank)
             except OSError:
                 pass  # a missing or unreadable folder holds no images: each key is reported
-            self._folders[folder] = names
-        return names
+            self._folders[folder] = listing
+        return listing
 
     def find(self, key: str) -> tuple[str | None, tuple[ProblemKind, str] | None]:
         if "\0" in key:
             return None, ("missing_image", "image key holds a NUL byte")
         absolute = os.path.isabs(key)
-        joined = os.path.normpath(key if absolute else os.path.join(self.base, key))
-        if not absolute and not lexically_inside(joined, self.base):
-            return None, (
-                "outside_root",
-                f"image key leads outside image_dir {self.base}; keys are relative to image_dir",
-            )
-        folder, name = os.path.split(joined)
+        if not absolute and "/" not in key and key not in (".", ".."):
+            folder, name = self.base, key  # the common case: a plain name in image_dir
+        else:
+            joined = os.path.normpath(key if absolute else os.path.join(self.base, key))
+            if not absolute and not lexically_inside(joined, self.base):
+                return None, (
+                    "outside_root",
+                    f"image key leads outside image_dir {self.base}; keys are relative to image_dir",
+                )
+            folder, name = os.path.split(joined)
         listing = self._listing(folder)
-        candidates = [name] if _has_ext(name, self.extensions) else []
-        candidates += [name + ext for ext in self.extensions]
-        candidates += [name + ext.upper() for ext in self.extensions]
-        for candidate in candidates:
-            if candidate not in listing:
-                continue
-            path = os.path.join(folder, candidate)
-            if listing[candidate]:
-                root = folder if absolute else self.root
-                problem = symlink_problem(path, root)
-                if problem is not None:
-                    return None, problem
-            return path, None
-        return None, None
+        found = name if name in listing.symlinks else None
+        found = found or listing.by_stem.get(name, (None, 0))[0]
+        if found is None:
+            return None, None
+        path = os.path.join(folder, found)
+        if listing.symlinks[found]:
+            problem = symlink_problem(path, folder if absolute else self.root)
+            if problem is not None:
+                return None, problem
+        return path, None
+
+
+class _Listing:
+    """One folder's image files: name -> is_symlink, and stem -> the name sd-scripts would pick."""
+
+    __slots__ = ("by_stem", "symlinks")
+
+    def __init__(self) -> None:
+        self.symlinks: dict[str, bool] = {}
+        self.by_stem: dict[str, tuple[str, int]] = {}
+
+    def add(self, name: str, is_symlink: bool, rank: dict[str, int]) -> None:
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in rank:
+            return
+        self.symlinks[name] = is_symlink
+        order = rank.get(ext, len(rank))  # .Jpg matches a key with its extension only
+        best = self.by_stem.get(stem)
+        if order < len(rank) and (best is None or order < best[1]):
+            self.by_stem[stem] = (name, order)
 
 
 # --- sizes, in parallel, with the scan cache -------------------------------------------------
@@ -483,9 +519,9 @@ def _read_sizes(
     caches = _ScanCaches()
     todo: list[tuple[int, str, os.stat_result | None]] = []
     for row, path in pending:
-        subset = subsets[rows.subset[row]]
-        stat = _stat(path)
-        hit = caches.get(path, stat) if subset.cache_info and stat is not None else None
+        # Only a cached subset needs the stat (a million stat results would cost 200 MB).
+        stat = _stat(path) if subsets[rows.subset[row]].cache_info else None
+        hit = caches.get(path, stat) if stat is not None else None
         if hit is not None:
             sizes[row] = hit
         else:

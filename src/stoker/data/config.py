@@ -594,8 +594,7 @@ def load_metadata(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: metadata must be a JSON object of image key -> entry")
     return {
-        str(key): _check_metadata_entry(entry, f"{path}, image {key!r}")
-        for key, entry in data.items()
+        str(key): _check_metadata_entry(entry, str(path), str(key)) for key, entry in data.items()
     }
 
 
@@ -1136,17 +1135,50 @@ def _parse_metadata_jsonl(text: str, label: str) -> dict[str, dict[str, Any]]:
     return metadata
 
 
-def _check_metadata_entry(entry: Any, where: str) -> dict[str, Any]:
+def _check_metadata_entry(entry: Any, label: str, key: str | None = None) -> dict[str, Any]:
+    """Check one entry's shape; errors name ``label`` and the image ``key`` (formatted only then)."""
+    where = label if key is None else _Where(label, key)
     if not isinstance(entry, dict):
-        raise DatasetError(f'{where}: an entry must be an object like {{"caption": "..."}}')
+        raise DatasetError(f'{_where(where)}: an entry must be an object like {{"caption": "..."}}')
     for key in ("caption", "tags"):
-        if entry.get(key) is not None and not isinstance(entry[key], str):
-            raise DatasetError(f"{where}: {key} must be a string, got {_describe(entry[key])}")
+        value = entry.get(key)
+        if value is not None and not isinstance(value, str):
+            raise DatasetError(f"{_where(where)}: {key} must be a string, got {_describe(value)}")
     for key in ("image_size", "train_resolution"):
         value = entry.get(key)
-        if value is None:
+        if value is None or _plain_size(value):
             continue
         pair = _convert_pair(value, integral=True)
         if pair is _WRONG or not isinstance(value, (list, tuple)) or min(pair) < 1:
-            raise DatasetError(f"{where}: {key} must be [width, height], got {_describe(value)}")
-    return dict(entry)
+            raise DatasetError(
+                f"{_where(where)}: {key} must be [width, height], got {_describe(value)}"
+            )
+    return entry
+
+
+def _plain_size(value: Any) -> bool:
+    """The common ``[w, h]`` of positive ints, checked without the general converter (1M entries)."""
+    return (
+        type(value) is list
+        and len(value) == 2
+        and type(value[0]) is int
+        and type(value[1]) is int
+        and value[0] >= 1
+        and value[1] >= 1
+    )
+
+
+class _Where:
+    """``"<file>, image '<key>'"``, built only when an error needs it (a million entries)."""
+
+    __slots__ = ("key", "label")
+
+    def __init__(self, label: str, key: str) -> None:
+        self.label, self.key = label, key
+
+    def __str__(self) -> str:
+        return f"{self.label}, image {self.key!r}"
+
+
+def _where(where: str | _Where) -> str:
+    return str(where)

@@ -848,13 +848,31 @@ def _check_warmup(group: DatasetGroupConfig, max_train_steps: int | None) -> Non
 
 
 def _is_dataset_config(path: Path) -> bool:
+    """Whether a ``.json`` file is a dataset config rather than fine-tuning metadata, by its first key.
+
+    A config's top level holds only ``general`` and ``datasets`` (sd-scripts' schema allows nothing
+    else; a near miss such as ``dataset`` counts too, so the config parser can say "did you mean");
+    metadata's keys are image paths. Reading the first key, not the whole file, spares a
+    million-entry metadata file a second parse.
+    """
+    import difflib
     import json
 
+    from stoker.data.inputs import UnusableFile, open_regular
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError):
+        with open_regular(path) as handle:
+            head = handle.read(1 << 16).decode("utf-8-sig", errors="replace").lstrip()
+    except (OSError, UnusableFile):
         return True  # let the config parser report the problem with the file's name
-    return isinstance(data, dict) and ("datasets" in data or "general" in data)
+    if not head.startswith("{"):
+        return True
+    try:
+        key, _ = json.JSONDecoder().raw_decode(head[1:].lstrip())
+    except ValueError:
+        return True  # "{}" or broken JSON: the config parser names the problem
+    names = ["datasets", "general"]
+    return not isinstance(key, str) or bool(difflib.get_close_matches(key, names, cutoff=0.75))
 
 
 def _split(
