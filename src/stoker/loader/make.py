@@ -159,7 +159,8 @@ def tune_loader(
     request = options.get("request") or LoaderRequest(workers="auto")
     budget = resolve_budget(options.get("budget"))
     if loader_factory is None and tunes_live(request, dataset, budget, loader_kwargs or {}):
-        return _tune_live(dataset, request, budget, seed, loader_kwargs or {}, **options)
+        rest = {k: v for k, v in options.items() if k not in ("request", "budget")}
+        return _tune_live(dataset, request, budget, seed, loader_kwargs or {}, **rest)
     factory = loader_factory or _probe_factory(dataset, seed, loader_kwargs or {})
     return tune(dataset, loader_factory=factory, seed=seed, **options)
 
