@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,14 +9,17 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-# Test this checkout, whichever copy of stoker is installed: in-process and in the subprocesses
-# (taskset, torchrun, spawned workers) that the tests start.
-_SRC = str(Path(__file__).resolve().parents[1] / "src")
-sys.path.insert(0, _SRC)
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH", "")) if p)
-for _name in [m for m in sys.modules if m == "stoker" or m.startswith("stoker.")]:
-    if not (getattr(sys.modules[_name], "__file__", None) or "").startswith(_SRC):
-        del sys.modules[_name]
+import stoker
+
+# The tests run against the installed stoker (make test installs this checkout with pip install -e),
+# in-process and in the subprocesses they start (taskset, torchrun, spawned workers). Say so at once
+# when another copy is installed, instead of testing it.
+_SRC = Path(__file__).resolve().parents[1] / "src"
+if not Path(stoker.__file__).resolve().is_relative_to(_SRC):
+    raise pytest.UsageError(
+        f"the installed stoker is {stoker.__file__}, not this checkout's {_SRC}: run `make test`, "
+        "or `pip install -e .` here first"
+    )
 
 settings.register_profile("stoker", derandomize=True, deadline=None, max_examples=60)
 settings.load_profile("stoker")
