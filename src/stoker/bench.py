@@ -46,6 +46,7 @@ import torch
 
 from stoker import torch_internals
 from stoker.errors import StokerError
+from stoker.files import atomic_write
 from stoker.system.memory import MemoryUse, child_pids, read_memory
 from stoker.system.platform import default_start_method
 
@@ -822,7 +823,9 @@ def plot_bench(
     """
     fig = _bench_figure(report, planned_workers)
     out = Path(path)
-    fig.savefig(out, format="png")
+    # Through the one atomic writer, like every other file stoker writes: never half a PNG, never
+    # through a symlink planted at the target.
+    atomic_write(out, lambda handle: fig.savefig(handle, format="png"))
     return out
 
 
