@@ -109,6 +109,31 @@ def test_switches_happen_and_show_in_stats(dataset):
 
 
 @pytest.mark.slow
+def test_the_new_workers_start_while_the_old_ones_hand_over(dataset):
+    # 1 worker, prefetch_factor 2: when the switch to 2 is decided after batch 3, batches 4 and 5
+    # are asked for already. The new workers start at once, on batches 6.., and the old worker
+    # hands out 4 and 5 first.
+    loader = scripted_loader(dataset, {(0, 3): 2}, seed=4, start=1)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    assert loader.num_workers == 2 and loader._handing_over == 2
+    [switch] = loader.stats().switches
+    assert (switch.epoch, switch.batch_in_epoch, switch.batch) == (0, 5, 5)
+    assert len(loader.worker_pids()) == 2  # the new workers run already
+    assert loader.state_dict()["batches_done"] == 3  # what the loop received, not the sampler
+    next(it)
+    assert loader._handing_over == 1 and loader.state_dict()["batches_done"] == 4
+    next(it)
+    next(it)  # the first batch of the new workers
+    assert loader._handing_over == 0 and loader.state_dict()["batches_done"] == 6
+    assert loader._old_persistent is None
+    rest = [_fingerprint(b) for b in it]
+    reference = run_epochs(make_loader(dataset, seed=4, shuffle=True, workers=0, budget=2), 1)
+    assert rest == reference[6:]
+
+
+@pytest.mark.slow
 def test_state_dict_in_the_middle_of_a_switch_resumes_exactly(dataset):
     per_epoch = len(make_loader(dataset, seed=0, workers=0, budget=2))
     reference = run_epochs(make_loader(dataset, seed=9, shuffle=True, workers=0, budget=2), 2)

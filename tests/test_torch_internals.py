@@ -37,8 +37,11 @@ def test_a_live_multiprocess_iterator_has_every_member_stoker_uses():
         assert all(isinstance(k, int) and isinstance(v, tuple) for k, v in tasks.items())
         assert isinstance(inner._worker_pids_set, bool)
         assert iter(inner._sampler_iter) is inner._sampler_iter  # an iterator torch draws from
+        # prefetch_factor 2: two batches asked for at the start, one more after each handed out
+        assert torch_internals.outstanding_batches(inner) == 2
         assert torch_internals.stop_asking(inner)
-        assert len(list(inner)) <= 2  # only the batches already asked for arrive
+        assert len(list(inner)) == 2  # only the batches already asked for arrive
+        assert torch_internals.outstanding_batches(inner) == 0
         torch_internals.unwatch_worker_exits(inner)
         assert inner._worker_pids_set is False
     finally:
@@ -87,6 +90,8 @@ def test_a_missing_member_degrades_with_one_warning(monkeypatch):
         assert torch_internals.stop_asking(inner) is False
     with pytest.warns(StokerWarning, match="_task_info"):
         assert torch_internals.outstanding_tasks(inner) == {}
+    with pytest.warns(StokerWarning, match="_send_idx"):
+        assert torch_internals.outstanding_batches(inner) is None
 
 
 def test_anything_but_torchs_iterator_is_left_alone():
@@ -95,6 +100,7 @@ def test_anything_but_torchs_iterator_is_left_alone():
         for thing in (iter([1, 2]), object(), None):
             assert torch_internals.worker_processes(thing) == []
             assert torch_internals.stop_asking(thing) is False
+            assert torch_internals.outstanding_batches(thing) is None
             torch_internals.shutdown_workers(thing)
             torch_internals.unwatch_worker_exits(thing)
 

@@ -10,6 +10,9 @@ for a reason a public API does not cover:
 - ``_worker_pids_set`` with ``torch.utils.data._utils.signal_handling._remove_worker_pids``: take the
   workers off torch's SIGCHLD watch, so a dead worker is reported at the next batch with its name
   instead of from whatever line the training loop runs;
+- ``_send_idx`` and ``_rcvd_idx`` (batches asked for, batches handed out): how many batches a
+  live-tuning switch still gets from the old workers, so the new ones can start at once after them
+  (``outstanding_batches``);
 - ``_shutdown_workers``: stop workers now after a failure, so none is left as a zombie;
 - ``DataLoader._iterator``: the iterator that holds persistent workers;
 - ``UntypedStorage._new_shared``: build a worker's batch in shared memory from the start, as
@@ -41,6 +44,7 @@ __all__ = [
     "TESTED_TORCH",
     "missing_internals",
     "new_shared_tensor",
+    "outstanding_batches",
     "outstanding_tasks",
     "persistent_iterator",
     "shutdown_workers",
@@ -59,6 +63,8 @@ ITERATOR_MEMBERS = (
     "_sampler_iter",
     "_worker_pids_set",
     "_shutdown_workers",
+    "_send_idx",
+    "_rcvd_idx",
 )
 
 
@@ -109,6 +115,21 @@ def outstanding_tasks(inner: Any) -> dict[int, tuple[Any, ...]]:
         _degraded("_task_info", "naming the images a dead worker held")
         return {}
     return tasks
+
+
+def outstanding_batches(inner: Any) -> int | None:
+    """Batches the iterator has asked its workers for and not handed out yet (0 for the
+    single-process iterator, which asks for one batch at a time); ``None`` when this torch does
+    not say, or for anything but torch's iterators."""
+    if type(inner).__name__ == "_SingleProcessDataLoaderIter":
+        return 0
+    if not _multiprocess(inner):
+        return None
+    sent, handed = getattr(inner, "_send_idx", None), getattr(inner, "_rcvd_idx", None)
+    if not (isinstance(sent, int) and isinstance(handed, int)):
+        _degraded("_send_idx", "starting new workers while the old ones hand over")
+        return None
+    return sent - handed
 
 
 def stop_asking(inner: Any) -> bool:
@@ -179,18 +200,25 @@ def set_worker_settings(
     persistent_workers: bool,
     timeout: float,
     multiprocessing_context: str | None,
-) -> None:
+    keep_running: bool = False,
+) -> Any:
     """Give ``loader`` another worker count for its next iterator; stop its persistent workers.
 
-    ``multiprocessing_context`` is set after ``num_workers``, since its setter checks that there
-    are workers; ``persistent_workers`` bypasses ``DataLoader.__setattr__``, which refuses it.
+    With ``keep_running`` the persistent iterator is not stopped but detached and returned (the
+    caller takes what it still hands out, then stops it with ``shutdown_workers``); else the
+    result is ``None``. ``multiprocessing_context`` is set after ``num_workers``, since its
+    setter checks that there are workers; ``persistent_workers`` bypasses
+    ``DataLoader.__setattr__``, which refuses it.
     """
     old = persistent_iterator(loader)
     if old is not None:
-        shutdown_workers(old)
+        if not keep_running:
+            shutdown_workers(old)
+            old = None
         loader._iterator = None
     loader.num_workers = num_workers
     loader.prefetch_factor = prefetch_factor
     loader.timeout = timeout
     loader.multiprocessing_context = multiprocessing_context if num_workers > 0 else None
     object.__setattr__(loader, "persistent_workers", persistent_workers)
+    return old

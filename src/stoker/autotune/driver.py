@@ -3,10 +3,14 @@
 ``LiveTuning`` is what a ``StokerLoader`` made with ``workers="auto"`` (or no worker count) holds.
 The loader hands it the clock readings around each ``next()`` (the same ones the input-bound
 monitor records); when a decision says switch, the loader stops asking its workers for more
-batches, hands out the ones already asked for, and calls ``switch``, which gives the loader the new
-count and continues the sampler from the batch after the last one handed out: the exact resume the
-loader already has, so no batch is lost, repeated or thrown away. A decision taken on an epoch's
-last batch waits for the next epoch's start. Rules: ``stoker.autotune``.
+batches and calls ``switch`` at once, which gives the loader the new count and continues the
+sampler from the first batch the old workers were not asked for (the batches consumed plus the
+ones outstanding): the exact resume the loader already has, so no batch is lost, repeated or
+thrown away. The new workers start and load while the old ones hand over what they were asked
+for, so the loop does not wait for the new workers' start. When nothing is left to ask for in the
+epoch (or this torch cannot tell what is outstanding), the switch waits for the hand-over to end:
+at the next epoch's start, or mid-epoch at the first batch not handed out. Rules:
+``stoker.autotune``.
 
 Nothing here imports the loader: the planner is passed in as ``plan_for``, and the cache and the
 memory reading as callables, so the arrows stay ``plan -> autotune -> loader``.
@@ -175,37 +179,57 @@ class LiveTuning:
         found = self.memory_cap(loader)
         return None if found is None else self.tuner.limit(*found)
 
-    def switch(self, loader: Any, *, epoch: int, batch_in_epoch: int, reposition: bool) -> None:
+    def switch(
+        self,
+        loader: Any,
+        *,
+        epoch: int,
+        batch_in_epoch: int,
+        resume_at: int | None,
+        keep_running: bool = False,
+        handing_over: int = 0,
+    ) -> Any:
         """Apply the pending decision to ``loader``.
 
         Args:
-            loader: the ``StokerLoader``; its iterator has handed out every batch it asked for.
-            epoch, batch_in_epoch: where the run is, for the record.
-            reposition: mid-epoch: continue the sampler at the first batch not handed out.
+            loader: the ``StokerLoader``.
+            epoch, batch_in_epoch: where the new count's batches begin, for the record.
+            resume_at: mid-epoch: the batch of the epoch the sampler continues from (the first
+                the old iterator did not ask for); ``None`` at an epoch's start.
+            keep_running: the old iterator still hands out what it asked for: persistent workers
+                are detached, not stopped.
+            handing_over: batches the old iterator still hands out before the new count's first.
+
+        Returns:
+            The detached persistent iterator (``keep_running``), for the caller to drain and
+            stop; else ``None``.
         """
         decision = self.pending
         self.pending, self.draining = None, False
-        if reposition:
-            # The iterator stopped early; the next one continues after the last batch handed out.
+        if resume_at is not None:
+            # The old iterator asked for nothing after resume_at: the next one continues there.
             sampler = loader.resumable_sampler
-            sampler.load_state_dict(sampler.state_dict())
+            state = sampler.state_dict()
+            state["batches_done"] = resume_at
+            sampler.load_state_dict(state)
         if decision is None or decision.workers == loader.num_workers:
-            return
+            return None
         plan = live_plan(self.request, decision.workers, decision, self.plan_for)
         before = loader.num_workers
-        set_worker_settings(
+        old = set_worker_settings(
             loader,
             num_workers=plan.num_workers,
             prefetch_factor=plan.prefetch_factor,
             persistent_workers=plan.persistent_workers,
             timeout=plan.timeout,
             multiprocessing_context=plan.multiprocessing_context,
+            keep_running=keep_running,
         )
         loader.plan = plan
         self.tuner.switched(plan.num_workers)
         self.switches.append(
             Switch(
-                batch=self._clock.batches,
+                batch=self._clock.batches + handing_over,
                 epoch=epoch,
                 batch_in_epoch=batch_in_epoch,
                 seconds=self._clock.seconds,
@@ -221,3 +245,4 @@ class LiveTuning:
             self._clock.batches,
             decision.reason,
         )
+        return old

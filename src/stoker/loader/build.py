@@ -85,6 +85,10 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
     decode_problems: list[Any]
     _live: Any = None
     _tuning: LiveTuning | None = None
+    # During a live-tuning hand-over: batches the old workers still hand out (the sampler already
+    # continues after them), and the old persistent iterator to stop once they are out.
+    _handing_over: int = 0
+    _old_persistent: Any = None
 
     @property
     def rank_sampler(self) -> Any:
@@ -117,10 +121,13 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
         arrive = self.dataset.arrive if isinstance(self.dataset, BatchingDataset) else None
         monitor = self.monitor
         tuning = self._tuning  # live tuning (stoker.autotune): it switches workers between batches
+        self._handing_over = 0
         if tuning is not None:
             tuning.start_epoch()
             if tuning.pending is not None:  # decided on the last epoch's last batch
-                tuning.switch(self, **_position(resumable, epoch_start=True), reposition=False)
+                at = _position(resumable, epoch_start=True)
+                tuning.switch(self, epoch=at["epoch"], batch_in_epoch=0, resume_at=None)
+            tuning.draining = False  # a hand-over a loop left early ended with that iteration
         timed = monitor is not None or tuning is not None
         clock = monitor.clock if monitor is not None else time.perf_counter
         inner = self._start_workers()
@@ -129,23 +136,32 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
         index = 0
         asked = 0.0
         switched = False
+        old = None  # after a switch: the old iterator, handing over its batches before inner's
         try:
             while True:
                 if timed and not switched:  # after a switch, the wait began before it
                     asked = clock()
                 switched = False
+                source = inner if old is None else old
                 try:
-                    batch = next(inner)
+                    batch = next(source)
                 except StopIteration:
+                    if old is not None:  # handed over: the new workers' batches follow
+                        self._end_hand_over(old)
+                        old = None
+                        switched = True
+                        continue
                     if tuning is None or not tuning.draining or _epoch_done(resumable):
                         return
                     # Every batch asked for is handed out: continue with the new count.
-                    tuning.switch(self, **_position(resumable), reposition=True)
+                    at = _position(resumable)
+                    done = at["batch_in_epoch"]
+                    tuning.switch(self, epoch=at["epoch"], batch_in_epoch=done, resume_at=done)
                     inner = self._start_workers()
                     switched = True
                     continue
                 except (RuntimeError, ConnectionError, EOFError) as err:
-                    raise explain_failure(err, inner, self, index) from err
+                    raise explain_failure(err, source, self, index) from err
                 if arrive is not None:  # the conversion is time the training loop waits too
                     batch = arrive(batch)
                 got = clock() if timed else 0.0
@@ -153,17 +169,65 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
                     self._warn_input_bound()
                 if isinstance(batch, dict) and batch.get("replaced"):
                     self._record_replaced(batch["replaced"], index)
-                if consumed is not None:
+                if old is not None:
+                    self._handing_over -= 1  # counted already: the sampler continues after it
+                elif consumed is not None:
                     consumed()
-                if tuning is not None:
+                if tuning is not None and old is None:
                     tuning.observe(self, inner, asked, got, batch)
+                    if tuning.pending is not None and resumable is not None:
+                        old = self._hand_over(inner, resumable)
+                        if old is not None:
+                            inner = self._start_workers()
                 index += 1
                 if isinstance(batch, dict) and batch.get("empty"):
                     continue  # every file of the batch failed; they are reported above
                 yield batch
         except GeneratorExit:
+            if old is not None:
+                self._stop_early(old, handing_over=True)
             self._stop_early(inner)
             raise
+
+    def _hand_over(self, inner: Any, sampler: ResumableBatchSampler) -> Any:
+        """Switch now, while ``inner`` still hands out what it asked for: the new count's
+        iterator continues the epoch after those batches, and its workers start and load
+        meanwhile. Returns ``inner`` (to drain first), or ``None`` when the switch waits for the
+        hand-over to end (nothing left to ask for in the epoch, or torch does not say what is
+        outstanding).
+        """
+        assert self._tuning is not None
+        outstanding = torch_internals.outstanding_batches(inner)
+        done = _position(sampler)
+        if _epoch_done(sampler) or outstanding is None:
+            return None
+        resume_at = done["batch_in_epoch"] + outstanding
+        if resume_at >= len(sampler):
+            return None
+        self._old_persistent = self._tuning.switch(
+            self,
+            epoch=done["epoch"],
+            batch_in_epoch=resume_at,
+            resume_at=resume_at,
+            keep_running=True,
+            handing_over=outstanding,
+        )
+        self._tuning.draining = True  # the old count's batches are not timed
+        self._handing_over = outstanding
+        return inner
+
+    def _end_hand_over(self, old: Any) -> None:
+        """The old iterator handed out everything it asked for: stop its workers if persistent."""
+        assert self._tuning is not None
+        self._tuning.draining = False
+        if self._handing_over != 0:  # every batch asked for arrives; anything else is a bug
+            raise RuntimeError(
+                f"stoker: a live-tuning switch expected {self._handing_over} more batches from "
+                "the old workers; please report this"
+            )
+        if self._old_persistent is not None:
+            torch_internals.shutdown_workers(self._old_persistent)
+            self._old_persistent = None
 
     def _start_workers(self) -> Any:
         """Torch's iterator for this epoch (or the rest of it, after a live-tuning switch)."""
@@ -173,7 +237,7 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
         self._live = weakref.ref(inner)
         return inner
 
-    def _stop_early(self, inner: Any) -> None:
+    def _stop_early(self, inner: Any, *, handing_over: bool = False) -> None:
         """The loop left mid-epoch: stop non-forked workers only once they are idle.
 
         With torch 2.13, spawned (and forkserver) workers that are stopped while still making a
@@ -181,7 +245,18 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
         killed by signal: Aborted" from a later line of the user's program). Idle ones stop
         cleanly, so the few batches already asked for are collected first (at most workers x
         prefetch_factor) and nothing more is asked. Persistent workers stay for the next epoch.
+        ``handing_over``: ``inner`` is the old iterator of a live-tuning switch; it is stopped
+        whatever its kind (nothing will ask it for more).
         """
+        if handing_over:
+            old, self._old_persistent = self._old_persistent, None
+            try:
+                for _ in inner:
+                    pass
+            except RuntimeError:
+                logger.debug("a worker failed while the loader was stopping early", exc_info=True)
+            stop_workers(inner if old is None else old)
+            return
         if self.num_workers == 0 or self.persistent_workers or self.start_method() == "fork":
             return
         if not torch_internals.stop_asking(inner):
@@ -239,7 +314,10 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
 
     def state_dict(self) -> dict[str, Any]:
         """Where this loader is in its epochs (JSON-able); see the class docstring."""
-        return dict(self._resumable().state_dict())
+        state = dict(self._resumable().state_dict())
+        if self._handing_over:  # the sampler counts these as done; the training loop has not
+            state["batches_done"] = int(state["batches_done"]) - self._handing_over
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: the next iteration yields the rest of that epoch."""
