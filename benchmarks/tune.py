@@ -1,26 +1,32 @@
 """workers="auto" tuned live, against every fixed worker count, side by side in one run.
 
-One command: ``python benchmarks/tune.py`` (``--sets 40 --epochs 4`` for a shorter, noisier run).
-It writes the benchmark images of ``benchmarks/run.py`` (photo-like JPEGs and PNGs of 0.3 to 12
-megapixels, seed 0) once under ``benchmarks/out/``, with a config as in issue 13: resolution 1024,
-batch size 1, one repeat. Then, for each set (40 and 400 images):
+One command: ``python benchmarks/tune.py`` (``--sets 40 --epochs 3`` for a short development
+run; ``--repeats 3`` for medians on a quiet machine). It writes the benchmark images of
+``benchmarks/run.py`` (photo-like JPEGs and PNGs of 0.3 to 12 megapixels, seed 0) once under
+``benchmarks/out/``, with a config as in issue 13: resolution 1024, batch size 1, one repeat.
+Then, for each set (40 and 400 images):
 
 1. **no consumer**: a run of ``--epochs`` epochs (10) with a loop that only takes batches, with
-   every fixed count 0 .. budget+1 and with ``workers="auto"`` (an empty cache, so nothing is
-   remembered), interleaved. Figures: total time (from ``make_loader`` to the last batch, worker
-   start-up, switches and all) against the best fixed count (target <= 1.05x), and batches/s in
-   the settled epochs (after the last switch) against the best fixed count's over the same epochs
-   (target >= 0.95x);
-2. **tuning cost**: auto's total time over the time of the fixed count it settled on, minus one
-   (target < 2%);
+   every fixed count 0 .. budget+1, with ``workers="auto"`` and with no worker count at all (the
+   default, which also tunes live), each with an empty cache (nothing remembered), interleaved:
+   auto, default, 0, 1, ... per round. Figures, for auto and for the default: total time (from
+   ``make_loader`` to the last batch, worker start-up, switches and all) against the best fixed
+   count (target <= 1.05x), and batches/s in the settled epochs (after the last switch) against
+   the best fixed count's over the same epochs (target >= 0.95x);
+2. **tuning cost**: the share of the tuned run's time lost against running the count it ended on
+   from the start, ``1 - fixed(chosen) / tuned``: the exploration windows on other counts and the
+   switches (target < 2%);
 3. **consumers** (the first set only): a training step simulated by sleeping at three rates (half
    of what 1 worker delivers, between 1 worker and the best, twice the best). Every fixed count
    runs with it first, to find the fewest that keeps up (the loop waits at most 5%; else the
    best); then auto runs with it until it settles: which count and after how many batches
    (target: the fewest that keep up, within 2 epochs or 200 batches, whichever comes first).
 
-The machine may be shared: every figure is one run, so say how busy the machine was when you
-quote them. Results go to ``benchmarks/out/tune.json``; figures for docs/tuning.md.
+It ends with one table of the ratios, both sets side by side, and the consumers' results.
+
+The machine may be shared: every figure is one run (or a median of ``--repeats``), so say how
+busy the machine was when you quote them. Results go to ``benchmarks/out/tune.json``; figures
+for docs/tuning.md.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import build_dataset  # noqa: E402  # benchmarks/run.py: the same images
 
 import stoker  # noqa: E402
+from stoker.files import atomic_write_text  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 KEEP_UP_WAIT = 0.05
@@ -98,39 +105,77 @@ def run(dataset: Any, workers: Any, epochs: int, *, rate: float | None = None, s
     return {"epoch_seconds": epoch_seconds, "total": total, "batches": batches, "loader": loader}
 
 
-def no_consumer(dataset: Any, counts: list[int], epochs: int) -> dict[str, Any]:
+TUNED = ("auto", "default")  # workers="auto" and no worker count at all (make_loader's default)
+
+
+def no_consumer(dataset: Any, counts: list[int], epochs: int, repeats: int) -> dict[str, Any]:
+    """Every fixed count, ``workers="auto"`` and the default, ``repeats`` rounds interleaved; each
+    setting's run with the median total is the one reported."""
     per_epoch = len(stoker.make_loader(dataset, workers=0, budget=1))
-    runs: dict[Any, Any] = {}
-    for workers in ["auto", *counts]:  # interleaved: one of each, auto first
-        runs[workers] = run(dataset, workers, epochs)
-        say(f"    {workers!s:>4}: {runs[workers]['total']:.1f} s")
-    auto = runs.pop("auto")
-    tuning = auto["loader"].stats()
-    switches = tuning.switches
-    settled_from = (switches[-1].epoch + 1) if switches else 0
-    settled_from = min(settled_from, epochs - 1)
+    settings: list[Any] = [*TUNED, *counts]
+    tries: dict[Any, list[dict[str, Any]]] = {k: [] for k in settings}
+    for _ in range(repeats):
+        for setting in settings:  # interleaved: one of each per round, the tuned ones first
+            workers = None if setting == "default" else setting
+            tries[setting].append(run(dataset, workers, epochs))
+            say(f"    {setting!s:>7}: {tries[setting][-1]['total']:.1f} s")
+    runs = {k: sorted(v, key=lambda r: r["total"])[len(v) // 2] for k, v in tries.items()}
     best = min(counts, key=lambda k: runs[k]["total"])
+    result: dict[str, Any] = {
+        "batches_per_epoch": per_epoch,
+        "epochs": epochs,
+        "repeats": repeats,
+        "fixed_total_seconds": {k: runs[k]["total"] for k in counts},
+        "fixed_epoch_seconds": {k: runs[k]["epoch_seconds"] for k in counts},
+        "best_fixed": best,
+    }
+    for label in TUNED:
+        result[label] = tuned_summary(runs, label, counts, per_epoch, epochs, best)
+    return result
+
+
+def tuned_summary(
+    runs: dict[Any, Any], label: str, counts: list[int], per_epoch: int, epochs: int, best: int
+) -> dict[str, Any]:
+    """A tuned run against the fixed counts: total-time ratio, settled-epoch throughput ratio and
+    the cost of tuning."""
+    tuned = runs[label]
+    loader = tuned["loader"]
+    stats = loader.stats()
+    switches = stats.switches
+    settled = loader._tuning is not None and loader._tuning.tuner.settled
+    # the settled epochs: those after the last switch (an epoch whose first batch came from the
+    # new count counts as settled)
+    if switches:
+        last = switches[-1]
+        settled_from = last.epoch if last.batch_in_epoch == 0 else last.epoch + 1
+    else:
+        settled_from = 0
+    settled_from = min(settled_from, epochs - 1)
 
     def rate(r: dict[str, Any]) -> float:
         return per_epoch * (epochs - settled_from) / sum(r["epoch_seconds"][settled_from:])
 
     best_settled = max(counts, key=lambda k: rate(runs[k]))
-    chosen = auto["loader"].num_workers
+    chosen = loader.num_workers
+    # Tuning cost: what the run lost against running its final count from the start (the
+    # exploration windows on other counts and the switches), as a share of the run.
+    cost = 1 - runs[chosen]["total"] / tuned["total"] if chosen in runs else None
     return {
-        "batches_per_epoch": per_epoch,
-        "fixed_total_seconds": {k: runs[k]["total"] for k in counts},
-        "auto_total_seconds": auto["total"],
-        "best_fixed": best,
-        "total_ratio": auto["total"] / runs[best]["total"],
+        "total_seconds": tuned["total"],
+        "total_ratio": tuned["total"] / runs[best]["total"],
+        "settled": settled,
         "settled_from_epoch": settled_from,
-        "settled_rate_ratio": rate(auto) / rate(runs[best_settled]),
+        "settled_rate": rate(tuned),
         "best_settled_fixed": best_settled,
+        "settled_rate_ratio": rate(tuned) / rate(runs[best_settled]),
         "chosen": chosen,
-        "tuning_cost": auto["total"] / runs[chosen]["total"] - 1 if chosen in runs else None,
+        "tuning_cost": cost,
         "switches": [
             {
                 "batch": s.batch,
                 "epoch": s.epoch,
+                "batch_in_epoch": s.batch_in_epoch,
                 "from": s.from_workers,
                 "to": s.to_workers,
                 "seconds": round(s.seconds, 3),
@@ -138,7 +183,7 @@ def no_consumer(dataset: Any, counts: list[int], epochs: int) -> dict[str, Any]:
             }
             for s in switches
         ],
-        "reason": tuning.tuning,
+        "reason": stats.tuning,
     }
 
 
@@ -208,10 +253,45 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
+def print_set(images: int, result: dict[str, Any]) -> None:
+    """One set's figures, side by side."""
+    fixed = result["fixed_total_seconds"]
+    best = result["best_fixed"]
+    say(
+        f"  {images} images, {result['epochs']} epochs x {result['batches_per_epoch']} batches, "
+        f"no consumer (median of {result['repeats']}):"
+    )
+    say(f"    {'workers':>9} {'total s':>8} {'x best':>7}")
+    for k, t in fixed.items():
+        say(f"    {k:>9} {t:8.1f} {t / fixed[best]:7.3f}{'  <- best fixed' if k == best else ''}")
+    for label in TUNED:
+        r = result[label]
+        say(f"    {label:>9} {r['total_seconds']:8.1f} {r['total_ratio']:7.3f}")
+    for label in TUNED:
+        r = result[label]
+        cost = r["tuning_cost"]
+        say(
+            f"    {label}: total {r['total_ratio']:.3f}x the best fixed ({best} workers; target "
+            f"<= 1.05); settled epochs {r['settled_from_epoch']}.. {r['settled_rate_ratio']:.3f}x "
+            f"the best fixed rate ({r['best_settled_fixed']} workers; target >= 0.95); ended on "
+            f"{r['chosen']} workers ({'settled' if r['settled'] else 'NOT settled'}); tuning "
+            + ("cost n/a" if cost is None else f"cost {cost:.1%} of the run (target < 2%)")
+        )
+        for s in r["switches"]:
+            say(
+                f"      switch at batch {s['batch']} (epoch {s['epoch']}, batch "
+                f"{s['batch_in_epoch']}): {s['from']} -> {s['to']}"
+            )
+        say(f"      why: {r['reason']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", default="40,400", help="image counts, comma-separated")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs per setting, interleaved; the median counts"
+    )
     parser.add_argument("--no-consumers", action="store_true")
     args = parser.parse_args(argv)
     budget = stoker.cpu_budget()
@@ -219,35 +299,42 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     say(f"CPU budget {budget.cpus} ({budget.source}); load average {load[0]:.1f} at the start")
     report: dict[str, Any] = {"cpus": budget.cpus, "load_at_start": load[0], "sets": {}}
-    for n, images in enumerate(int(s) for s in args.sets.split(",")):
+    sets = [int(s) for s in args.sets.split(",")]
+    for n, images in enumerate(sets):
         dataset = dataset_of(images)
         say(f"\n{images} images, {args.epochs} epochs, no consumer:")
-        result = no_consumer(dataset, counts, args.epochs)
-        fixed = result["fixed_total_seconds"]
-        say(
-            f"  auto {result['auto_total_seconds']:.1f} s, best fixed {result['best_fixed']} "
-            f"workers {fixed[result['best_fixed']]:.1f} s: {result['total_ratio']:.3f}x "
-            "(target <= 1.05)"
-        )
-        say(
-            f"  settled epochs (from {result['settled_from_epoch']}): "
-            f"{result['settled_rate_ratio']:.3f}x the best fixed count's rate (target >= 0.95)"
-        )
-        say(
-            f"  auto settled on {result['chosen']} workers; cost of tuning {result['tuning_cost']:+.1%}"
-        )
-        for s in result["switches"]:
-            say(f"    switch at batch {s['batch']} (epoch {s['epoch']}): {s['from']} -> {s['to']}")
-        say(f"  why: {result['reason']}")
+        result = no_consumer(dataset, counts, args.epochs, args.repeats)
+        print_set(images, result)
         if n == 0 and not args.no_consumers:
             per_epoch = result["batches_per_epoch"]
+            fixed = result["fixed_total_seconds"]
             rates = {k: per_epoch * args.epochs / t for k, t in fixed.items()}
             say("  simulated consumers:")
             result["consumers"] = consumers(dataset, counts[:-1], rates)
         report["sets"][images] = result
+        report["load_after_" + str(images)] = os.getloadavg()[0]
+    say("\nSide by side (no consumer; targets: total <= 1.05x, settled >= 0.95x, cost < 2%):")
+    say(
+        f"  {'set':>5} {'tuned':>8} {'total x best':>13} {'settled x best':>15} {'cost':>7} {'on':>3}"
+    )
+    for images in sets:
+        result = report["sets"][images]
+        for label in TUNED:
+            r = result[label]
+            cost = "n/a" if r["tuning_cost"] is None else f"{r['tuning_cost']:.1%}"
+            say(
+                f"  {images:>5} {label:>8} {r['total_ratio']:13.3f} "
+                f"{r['settled_rate_ratio']:15.3f} {cost:>7} {r['chosen']:>3}"
+            )
+    for row in report["sets"][sets[0]].get("consumers", []):
+        say(
+            f"  consumer {row['batches_per_second']:.1f}/s ({row['consumer']}): fewest that keep "
+            f"up {row['fewest_that_keep_up']}, auto settled on {row['auto_settled_on']} after "
+            f"{row['auto_batches_to_settle']} batches (limit {row['limit_batches']})"
+        )
     report["load_at_end"] = os.getloadavg()[0]
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "tune.json").write_text(json.dumps(report, indent=2, default=str))
+    atomic_write_text(OUT / "tune.json", json.dumps(report, indent=2, default=str))
     say(f"\nload average {report['load_at_end']:.1f} at the end; wrote {OUT / 'tune.json'}")
     return 0
 
