@@ -27,7 +27,7 @@ from stoker.autotune.live import LiveTuner
 from stoker.autotune.rules import Decision, Switch, Window
 from stoker.monitor import batch_samples
 from stoker.plan import Adjustment, LoaderPlan, LoaderRequest, Measurement
-from stoker.torch_internals import set_worker_settings, stop_asking
+from stoker.torch_internals import set_worker_settings
 
 __all__ = ["LiveTuning", "live_plan", "measurements_of"]
 
@@ -154,8 +154,9 @@ class LiveTuning:
         """A new iteration began: no step precedes its first batch."""
         self._clock.handed_out = None
 
-    def observe(self, loader: Any, inner: Any, asked: float, got: float, batch: object) -> None:
-        """Time one batch handed out; on a switch decision, stop ``inner`` asking for more."""
+    def observe(self, loader: Any, asked: float, got: float, batch: object) -> None:
+        """Time one batch handed out; on a switch decision, set ``pending`` (the loader then stops
+        its iterator asking for more and hands over)."""
         wait, step = self._clock.split(asked, got)
         if self.draining or self.pending is not None:
             return  # batches asked for before the switch: the old count's, not timed
@@ -168,8 +169,6 @@ class LiveTuning:
             self.remember(decision, self.tuner.windows[decision.workers].keeps_up)
         if decision.switch and decision.workers != loader.num_workers:
             self.pending = decision
-            self.draining = True
-            stop_asking(inner)
 
     def _check_memory(self, loader: Any) -> Decision | None:
         count = self.tuner.current

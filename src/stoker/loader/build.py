@@ -174,8 +174,8 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
                 elif consumed is not None:
                     consumed()
                 if tuning is not None and old is None:
-                    tuning.observe(self, inner, asked, got, batch)
-                    if tuning.pending is not None and resumable is not None:
+                    tuning.observe(self, asked, got, batch)
+                    if tuning.pending is not None and not tuning.draining and resumable is not None:
                         old = self._hand_over(inner, resumable)
                         if old is not None:
                             inner = self._start_workers()
@@ -194,17 +194,28 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
         iterator continues the epoch after those batches, and its workers start and load
         meanwhile. Returns ``inner`` (to drain first), or ``None`` when the switch waits for the
         hand-over to end (nothing left to ask for in the epoch, or torch does not say what is
-        outstanding).
+        outstanding); either way ``inner`` asks for nothing more.
+
+        Workers have up to ``workers x prefetch_factor`` batches outstanding; the main process
+        (0 workers) has none, so a switch from 0 starts the new workers with nothing to overlap.
+        Letting the main process load one more batch per new worker meanwhile was measured and
+        made it worse (``benchmarks/switch_stall.py --from 0 --to 2``: the loop waits for those
+        loads, slowed by the starting workers).
         """
-        assert self._tuning is not None
+        tuning = self._tuning
+        assert tuning is not None and tuning.pending is not None
+        tuning.draining = True  # the old count's batches are not timed
         outstanding = torch_internals.outstanding_batches(inner)
         done = _position(sampler)
-        if _epoch_done(sampler) or outstanding is None:
+        torch_internals.stop_asking(inner)
+        if (
+            _epoch_done(sampler)
+            or outstanding is None
+            or done["batch_in_epoch"] + outstanding >= len(sampler)
+        ):
             return None
         resume_at = done["batch_in_epoch"] + outstanding
-        if resume_at >= len(sampler):
-            return None
-        self._old_persistent = self._tuning.switch(
+        self._old_persistent = tuning.switch(
             self,
             epoch=done["epoch"],
             batch_in_epoch=resume_at,
@@ -212,7 +223,7 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
             keep_running=True,
             handing_over=outstanding,
         )
-        self._tuning.draining = True  # the old count's batches are not timed
+        tuning.draining = True  # switch() ended the pending state; the hand-over goes on
         self._handing_over = outstanding
         return inner
 
