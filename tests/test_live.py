@@ -132,6 +132,19 @@ def test_the_new_workers_start_while_the_old_ones_hand_over(dataset):
     reference = run_epochs(make_loader(dataset, seed=4, shuffle=True, workers=0, budget=2), 1)
     assert rest == reference[6:]
 
+    # a loop that leaves during the hand-over: the position is what it received, also after
+    # loading it back
+    loader = scripted_loader(dataset, {(0, 3): 2}, seed=4, start=1)
+    it = iter(loader)
+    for _ in range(4):
+        next(it)
+    del it
+    state = loader.state_dict()
+    assert state["batches_done"] == 4 and loader._old_persistent is None
+    loader.load_state_dict(state)
+    assert loader.state_dict() == state
+    assert run_epochs(loader, 1) == reference[4:]
+
 
 @pytest.mark.slow
 def test_state_dict_in_the_middle_of_a_switch_resumes_exactly(dataset):

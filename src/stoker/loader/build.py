@@ -333,10 +333,12 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: the next iteration yields the rest of that epoch."""
         self._resumable().load_state_dict(state)
+        self._handing_over = 0  # a hand-over left unfinished is replaced by this position
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration run ``epoch`` (epochs also advance on their own)."""
         self._resumable().set_epoch(epoch)
+        self._handing_over = 0
 
     def _resumable(self) -> ResumableBatchSampler:
         sampler = self.resumable_sampler
