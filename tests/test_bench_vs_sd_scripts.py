@@ -86,6 +86,10 @@ def test_served_images_are_checked_against_the_buckets(bench: Any) -> None:
     assert len(problems) == 2
     assert "3 images, not 2 x 2" in problems[0]
     assert "1152x896" in problems[1]
+    larger = _run("sd-scripts", 0, 9, 1.0)
+    larger["setting"]["batch_size"] = 4  # sd-scripts' own reshuffle may change its count here
+    larger.update(assignments=assigned, shapes={"1024x1024": 9})
+    assert bench.served_problems([larger], epochs=2) == []
 
 
 def test_byte_alphabet_covers_every_byte_once(bench: Any) -> None:
