@@ -544,11 +544,12 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def prepare_images(images: int) -> Path:
     """benchmarks/run.py's image set, in an sd-scripts folder ``1_photo/``; returns the root."""
-    sys.path.insert(0, str(HERE))
-    from run import build_dataset
-
+    spec = importlib.util.spec_from_file_location("stoker_benchmarks_run", HERE / "run.py")
+    assert spec is not None and spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)  # benchmarks/run.py, without putting benchmarks/ on sys.path
     root = OUT / f"vs-sd-scripts-{images}"
-    build_dataset(root, images=images)
+    run.build_dataset(root, images=images)
     source, folder = root / "2_photo", root / "1_photo"
     if not folder.exists():  # one repeat: the folder's name says so to sd-scripts' DreamBooth rule
         folder.mkdir()
@@ -709,7 +710,12 @@ def compare(args: argparse.Namespace, base: dict[str, Any], probe: dict[str, Any
                     continue
                 runs.append({"setting": setting, **result})
             elapsed = time.perf_counter() - started
-            _say(f"  batch {batch_size}: round {round_ + 1}/{args.rounds} done ({elapsed:.0f} s)")
+            done = batch_sizes.index(batch_size) * args.rounds + round_ + 1
+            left = elapsed / done * (len(batch_sizes) * args.rounds - done)
+            _say(
+                f"  batch {batch_size}: round {round_ + 1}/{args.rounds} done "
+                f"({elapsed:.0f} s so far, about {left:.0f} s to go)"
+            )
         results["by_batch_size"][str(batch_size)] = report(runs, failures, batch_size, args)
     results["sd_scripts_default_workers"] = default_sd
     results["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]

@@ -4,6 +4,7 @@ its exit without sd-scripts. The comparison itself runs only by hand (it needs s
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,45 @@ def test_without_sd_scripts_it_says_so_and_exits_0(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, done.stderr
         assert "vs_sd_scripts: skipped:" in done.stdout
+
+
+def test_the_run_interleaves_settings_and_writes_its_json(
+    bench: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The parent's loop with children that report made-up figures (no sd-scripts here)."""
+    assigned = {"img_0000.jpg": [1152, 896, 1192, 896]}
+    calls: list[dict[str, Any]] = []
+
+    def child(spec: dict[str, Any]) -> dict[str, Any]:
+        calls.append(spec)
+        rate = 10.0 if spec["tool"] == "sd-scripts" else 25.0
+        images = spec["epochs"] * len(assigned)
+        return {
+            "images": images,
+            "seconds": images / rate,
+            "epoch_images": [len(assigned)] * spec["epochs"],
+            "epoch_seconds": [len(assigned) / rate] * spec["epochs"],
+            "shapes": {"896x1152": 1},
+            "assignments": assigned,
+            "workers_used": 2 if spec["workers"] in ("default", None, "auto") else spec["workers"],
+            "first_batch": {},
+        }
+
+    monkeypatch.setattr(bench, "OUT", tmp_path)
+    monkeypatch.setattr(bench, "run_child", child)
+    probe = {"max_data_loader_n_workers": 8, "persistent_data_loader_workers": False}
+    probe.update(cache_latents=False, adapted=[], os_cpu_count=2, affinity_cpus=2)
+    out = tmp_path / "result.json"
+    args = bench._parse(["--images", "1", "--epochs", "2", "--rounds", "2", "--out", str(out)])
+    assert bench.compare(args, {"sd_scripts": str(tmp_path), "deps": None}, probe) == 0
+
+    settings = bench.settings_for(1)
+    assert [bench.setting_label(c) for c in calls] == [bench.setting_label(s) for s in settings] * 2
+    result = json.loads(out.read_text())
+    assert result["sd_scripts_default_workers"] == 2
+    table = result["by_batch_size"]["1"]
+    assert table["same_work"]
+    assert [r["ratio"] for r in table["ratios"]] == pytest.approx([2.5] * 5)
+    printed = capsys.readouterr().out
+    assert "same work: 1 images; every setting assigns each the same bucket" in printed
+    assert "target >= x1.3: met" in printed
