@@ -2,6 +2,7 @@
 
     python benchmarks/vs_sd_scripts.py --sd-scripts /path/to/sd-scripts \\
         [--sd-scripts-deps DIR] [--images 40] [--epochs 3] [--rounds 3] [--batch-sizes 1,4]
+    python benchmarks/vs_sd_scripts.py --sd-scripts DIR --quick   # smoke run: 12 images, 1 round
 
 Without ``--sd-scripts``, or when sd-scripts' modules do not import, it says why and exits 0
 (CI cannot fetch sd-scripts).
@@ -630,14 +631,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help="a pip --target folder put first on sd-scripts' sys.path (e.g. torchvision)",
     )
-    parser.add_argument("--images", type=int, default=40, help="images in the set (40)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per run (3)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
+    parser.add_argument("--images", type=int, help="images in the set (40; --quick 12)")
+    parser.add_argument("--epochs", type=int, help="epochs per run (3; --quick 1)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (3; --quick 1)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run (about 3 minutes): not figures"
+    )
     parser.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (1)")
     parser.add_argument("--out", type=Path, default=OUT / "vs_sd_scripts.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    defaults = {"images": 12, "epochs": 1, "rounds": 1} if args.quick else {}
+    for name, value in {"images": 40, "epochs": 3, "rounds": 3, **defaults}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,3 +159,10 @@ def test_the_run_interleaves_settings_and_writes_its_json(
     printed = capsys.readouterr().out
     assert "same work: 1 images; every setting assigns each the same bucket" in printed
     assert "target >= x1.3: met" in printed
+
+
+def test_quick_shortens_only_what_was_not_given(bench: Any) -> None:
+    full = bench._parse([])
+    assert (full.images, full.epochs, full.rounds) == (40, 3, 3)
+    quick = bench._parse(["--quick", "--epochs", "2"])
+    assert (quick.images, quick.epochs, quick.rounds) == (12, 2, 1)
