@@ -14,6 +14,7 @@ from stoker import load_dataset, make_loader
 from stoker.autotune import Decision, LiveTuner
 from stoker.autotune.driver import LiveTuning, live_plan
 from stoker.data.synthetic import write_sample_dataset
+from stoker.loader.failures import _what_workers_loaded
 from stoker.planning import plan_request
 
 
@@ -122,6 +123,12 @@ def test_the_new_workers_start_while_the_old_ones_hand_over(dataset):
     assert (switch.epoch, switch.batch_in_epoch, switch.batch) == (0, 5, 5)
     assert len(loader.worker_pids()) == 2  # the new workers run already
     assert loader.state_dict()["batches_done"] == 3  # what the loop received, not the sampler
+    # a dead old worker is named with what it was loading: batches 4 and 5, not the new ones'
+    old = it.gi_frame.f_locals["old"]
+    epoch = loader.rank_sampler.epoch_batches(0)
+    paths = dict.fromkeys(p for b in epoch[3:5] for p in loader.dataset.sample_paths(b))
+    assert _what_workers_loaded(old, loader, {0}, loader._old_offset) == ", ".join(paths)
+    del old
     next(it)
     assert loader._handing_over == 1 and loader.state_dict()["batches_done"] == 4
     next(it)

@@ -39,6 +39,7 @@ def test_a_live_multiprocess_iterator_has_every_member_stoker_uses():
         assert iter(inner._sampler_iter) is inner._sampler_iter  # an iterator torch draws from
         # prefetch_factor 2: two batches asked for at the start, one more after each handed out
         assert torch_internals.outstanding_batches(inner) == 2
+        assert torch_internals.sent_batches(inner) == 3  # send indices 0, 1, 2
         assert torch_internals.stop_asking(inner)
         assert len(list(inner)) == 2  # only the batches already asked for arrive
         assert torch_internals.outstanding_batches(inner) == 0
@@ -101,6 +102,7 @@ def test_anything_but_torchs_iterator_is_left_alone():
             assert torch_internals.worker_processes(thing) == []
             assert torch_internals.stop_asking(thing) is False
             assert torch_internals.outstanding_batches(thing) is None
+            assert torch_internals.sent_batches(thing) == 0
             torch_internals.shutdown_workers(thing)
             torch_internals.unwatch_worker_exits(thing)
 

@@ -48,6 +48,7 @@ __all__ = [
     "outstanding_tasks",
     "persistent_iterator",
     "shutdown_workers",
+    "sent_batches",
     "set_worker_settings",
     "stop_asking",
     "unwatch_worker_exits",
@@ -130,6 +131,13 @@ def outstanding_batches(inner: Any) -> int | None:
         _degraded("_send_idx", "starting new workers while the old ones hand over")
         return None
     return sent - handed
+
+
+def sent_batches(inner: Any) -> int:
+    """Batches the multi-process iterator has asked its workers for in this epoch (its send
+    indices run from 0); 0 for anything else."""
+    sent = getattr(inner, "_send_idx", 0) if _multiprocess(inner) else 0
+    return sent if isinstance(sent, int) else 0
 
 
 def stop_asking(inner: Any) -> bool:

@@ -89,6 +89,7 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
     # continues after them), and the old persistent iterator to stop once they are out.
     _handing_over: int = 0
     _old_persistent: Any = None
+    _old_offset: int = 0  # see _hand_over: to name what a dead old worker was loading
 
     @property
     def rank_sampler(self) -> Any:
@@ -161,7 +162,8 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
                     switched = True
                     continue
                 except (RuntimeError, ConnectionError, EOFError) as err:
-                    raise explain_failure(err, source, self, index) from err
+                    offset = self._old_offset if source is old else 0
+                    raise explain_failure(err, source, self, index, send_offset=offset) from err
                 if arrive is not None:  # the conversion is time the training loop waits too
                     batch = arrive(batch)
                 got = clock() if timed else 0.0
@@ -215,6 +217,8 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
         ):
             return None
         resume_at = done["batch_in_epoch"] + outstanding
+        # the old iterator's send index i is batch i - sent of the iteration the sampler runs next
+        self._old_offset = -torch_internals.sent_batches(inner)
         self._old_persistent = tuning.switch(
             self,
             epoch=done["epoch"],

@@ -27,17 +27,23 @@ _SHM_SIGNS = (
 )
 
 
-def explain_failure(err: Exception, inner: Any, loader: StokerLoader, index: int = 0) -> Exception:
+def explain_failure(
+    err: Exception, inner: Any, loader: StokerLoader, index: int = 0, *, send_offset: int = 0
+) -> Exception:
     """Turn PyTorch's worker-failure errors into ones that say which worker, what, and the fix.
 
     A dead worker shows up as PyTorch's RuntimeError ("killed by signal", "exited unexpectedly")
     or, when the batch it was handing over is cut off, as a ConnectionResetError or EOFError;
     the workers' exit codes tell which one died either way. PyTorch's "DataLoader timed out"
     becomes ``LoaderTimeout`` naming batch ``index`` of the epoch and the files outstanding.
+    ``send_offset``: ``inner``'s send index ``i`` is the sampler iteration's batch
+    ``i + send_offset`` (not 0 for the old iterator of a live-tuning hand-over, whose batches
+    come before those of the iteration the sampler now runs).
     """
     text = str(err)
     if "DataLoader timed out" in text:
-        loading = _what_workers_loaded(inner, loader, set(range(loader.num_workers)))
+        every = set(range(len(torch_internals.worker_processes(inner))))
+        loading = _what_workers_loaded(inner, loader, every, send_offset)
         stop_workers(inner)
         return LoaderTimeout(
             f"batch {index} of this epoch did not arrive within timeout={loader.timeout} s; the "
@@ -69,7 +75,7 @@ def explain_failure(err: Exception, inner: Any, loader: StokerLoader, index: int
         time.sleep(0.05)
     if not dead:
         return err
-    loading = _what_workers_loaded(inner, loader, set(dead))
+    loading = _what_workers_loaded(inner, loader, set(dead), send_offset)
     codes = {w.exitcode for w in dead.values()}
     stop_workers(inner)
     pids = ", ".join(str(w.pid) for w in dead.values())
@@ -102,7 +108,9 @@ def _signal_name(number: int) -> str:
         return str(number)
 
 
-def _what_workers_loaded(inner: Any, loader: StokerLoader, worker_ids: set[int]) -> str:
+def _what_workers_loaded(
+    inner: Any, loader: StokerLoader, worker_ids: set[int], send_offset: int = 0
+) -> str:
     """The samples outstanding at the given workers, as image paths when the dataset has them."""
     tasks = torch_internals.outstanding_tasks(inner)
     dataset = loader.dataset
@@ -111,7 +119,8 @@ def _what_workers_loaded(inner: Any, loader: StokerLoader, worker_ids: set[int])
     for send_index, info in sorted(tasks.items()):
         if len(info) != 1 or info[0] not in worker_ids:
             continue  # already returned, or another worker's
-        batch = sampler.batch_of_iteration(send_index) if sampler is not None else None
+        at = send_index + send_offset
+        batch = sampler.batch_of_iteration(at) if sampler is not None else None
         if batch is None:
             found.append(f"batch {send_index} of this epoch")
         elif isinstance(dataset, BatchingDataset):
