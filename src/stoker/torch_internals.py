@@ -12,7 +12,8 @@ for a reason a public API does not cover:
   instead of from whatever line the training loop runs;
 - ``_send_idx`` and ``_rcvd_idx`` (batches asked for, batches handed out): how many batches a
   live-tuning switch still gets from the old workers, so the new ones can start at once after them
-  (``outstanding_batches``);
+  (``outstanding_batches``), and which batches the old workers hold, to name them if one dies
+  during the hand-over (``sent_batches``);
 - ``_shutdown_workers``: stop workers now after a failure, so none is left as a zombie;
 - ``DataLoader._iterator``: the iterator that holds persistent workers;
 - ``UntypedStorage._new_shared``: build a worker's batch in shared memory from the start, as
