@@ -29,13 +29,14 @@ from typing import IO
 import numpy as np
 import torch
 import torch.nn.functional
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError, features
 
 try:  # libjpeg-turbo with DCT-domain scaling; without it JPEGs go through Pillow's draft
     import simplejpeg as _turbo  # type: ignore[import-untyped]
 except ImportError:  # pragma: no cover - exercised by monkeypatching _turbo to None in the tests
     _turbo = None
 
+from stoker.data import headers
 from stoker.data.inputs import UnusableFile, open_regular, os_reason
 
 __all__ = [
@@ -104,6 +105,10 @@ _FORMATS_BY_EXTENSION: dict[str, tuple[str, ...]] = {
     ".avif": ("AVIF",),
     ".jxl": ("JXL",),
 }
+# Extensions whose headers stoker.data.headers reads without Pillow (WebP only when Pillow has it).
+_FAST_EXTENSIONS = frozenset(
+    (".jpg", ".jpeg", ".png", *((".webp",) if features.check_module("webp") else ()))
+)
 # Formats named in a "this is really X" reason when a file does not match its extension.
 _SAFE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 
@@ -155,7 +160,35 @@ def read_image_size(path: str | os.PathLike[str], *, exif: bool = True) -> tuple
         ImageProblem: The file cannot be used; ``reason`` says why.
     """
     with _open_file(path) as fp:
+        fast = _header_size(fp, path)
+        if fast is not None:
+            width, height, orientation = fast
+            return (height, width) if exif and orientation >= 5 else (width, height)
         return _upright_size(_open_pillow(fp, path), path, exif=exif)
+
+
+def _header_size(fp: IO[bytes], path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+    """Size and orientation from `stoker.data.headers` when it is sure, else None (ask Pillow).
+
+    A size over ``PIL.Image.MAX_IMAGE_PIXELS`` goes to Pillow too, which warns or refuses it as
+    a decompression bomb exactly as before. ``fp`` is left at its start.
+    """
+    extension = os.path.splitext(os.fspath(path))[1].lower()
+    if extension not in _FAST_EXTENSIONS:
+        return None
+    file_size = os.fstat(fp.fileno()).st_size
+    data = fp.read(headers.HEAD_BYTES)
+    answer = headers.header_size(data, extension, file_size)
+    if answer is headers.MORE and len(data) == headers.HEAD_BYTES:
+        data += fp.read(headers.MAX_HEAD_BYTES - len(data))
+        answer = headers.header_size(data, extension, file_size)
+    fp.seek(0)
+    if not isinstance(answer, tuple):
+        return None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and answer[0] * answer[1] > limit:
+        return None
+    return answer
 
 
 def _upright_size(im: Image.Image, path: str | os.PathLike[str], *, exif: bool) -> tuple[int, int]:
