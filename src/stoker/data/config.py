@@ -593,9 +593,9 @@ def load_metadata(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     data = _decode_json(text, str(path), DatasetError)
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: metadata must be a JSON object of image key -> entry")
-    return {
-        str(key): _check_metadata_entry(entry, str(path), str(key)) for key, entry in data.items()
-    }
+    for key, entry in data.items():  # JSON object keys are already str; checked in place
+        _check_metadata_entry(entry, str(path), key)
+    return data
 
 
 # --- reading files -------------------------------------------------------------------------------

@@ -104,6 +104,19 @@ _XMP_HEADER: Final = b"http://ns.adobe.com/xap/1.0/\x00"
 _XMP_ORIENTATION: Final = re.compile(rb'tiff:Orientation(="|>)([0-9])')
 
 
+# What each marker byte after 0xFF means to the parser (0: let Pillow decide).
+_REFUSE, _SKIP, _FRAME, _TABLES, _APPN, _SCAN = range(6)
+_MARKER_KIND: Final = bytes(
+    _FRAME if m in _SOF else
+    _SKIP if m in _SKIPPED else
+    _TABLES if m == _DQT else
+    _SCAN if m == _SOS else
+    _APPN if 0xE0 <= m <= 0xEF else
+    _REFUSE  # SOI again, EOI, RSTn, JPGn, DHP, TEM or no marker
+    for m in range(256)
+)  # fmt: skip
+
+
 def _jpeg(data: bytes) -> Size | _More | None:
     if not data.startswith(b"\xff\xd8\xff"):
         return None
@@ -113,7 +126,7 @@ def _jpeg(data: bytes) -> Size | _More | None:
     exif: bytes | None = None
     xmp: bytes | None = None
     while True:
-        if pos + 2 > end:
+        if pos + 4 > end:
             return MORE
         if data[pos] != 0xFF:
             return None  # Pillow skips junk between markers; not worth modelling
@@ -121,39 +134,34 @@ def _jpeg(data: bytes) -> Size | _More | None:
         if marker == 0xFF:  # a fill byte before a marker
             pos += 1
             continue
-        pos += 2
-        if not (marker in _SOF or marker in _SKIPPED or marker in (_SOS, _DQT)) and not (
-            0xE0 <= marker <= 0xEF
-        ):
-            return None  # SOI again, EOI, RSTn, JPGn, DHP, TEM or no marker: Pillow decides
-        if pos + 2 > end:
-            return MORE
-        length = (data[pos] << 8) | data[pos + 1]
-        if length < 2:
+        kind = _MARKER_KIND[marker]
+        if kind == _REFUSE:
             return None
-        stop = pos + length
+        body = pos + 4
+        stop = pos + 2 + ((data[pos + 2] << 8) | data[pos + 3])
+        if stop < body:
+            return None  # a length under 2
         if stop > end:
             return MORE
-        body = pos + 2
-        if marker == _SOS:
+        if kind == _SCAN:
             break
-        if marker in _SOF:
-            if size is not None or not _good_sof(data[body:stop]):
+        if kind == _FRAME:
+            if size is not None or not _good_sof(data, body, stop):
                 return None
             size = ((data[body + 3] << 8) | data[body + 4], (data[body + 1] << 8) | data[body + 2])
-        elif marker == _DQT:
-            if not _good_dqt(data[body:stop]):
+        elif kind == _TABLES:
+            if not _good_dqt(data, body, stop):
                 return None
-        elif marker >= 0xE0:
+        elif kind == _APPN:
             segment = data[body:stop]
-            kind = _app_segment(marker, segment)
-            if kind is None:
+            app = _app_segment(marker, segment)
+            if app is None:
                 return None
-            if kind == "exif":
+            if app == "exif":
                 if exif is not None:
                     return None  # Pillow joins a second Exif segment onto the first
                 exif = segment
-            elif kind == "xmp":
+            elif app == "xmp":
                 xmp = segment.split(b"\x00", 1)[1]
         pos = stop
     if size is None or size[0] == 0 or size[1] == 0:
@@ -164,20 +172,21 @@ def _jpeg(data: bytes) -> Size | _More | None:
     return size[0], size[1], orientation
 
 
-def _good_sof(body: bytes) -> bool:
+def _good_sof(data: bytes, body: int, stop: int) -> bool:
     """What Pillow's SOF handler needs: 8-bit samples, 1, 3 or 4 components, whole triples."""
-    return len(body) >= 6 and (len(body) - 6) % 3 == 0 and body[0] == 8 and body[5] in (1, 3, 4)
+    return (
+        stop - body >= 6
+        and (stop - body - 6) % 3 == 0
+        and data[body] == 8
+        and data[body + 5] in (1, 3, 4)
+    )
 
 
-def _good_dqt(body: bytes) -> bool:
+def _good_dqt(data: bytes, pos: int, stop: int) -> bool:
     """Pillow's DQT loop: each table is 1 + 64 or 1 + 128 bytes, none cut short."""
-    pos = 0
-    while pos < len(body):
-        table = 1 + (64 if body[pos] < 16 else 128)
-        if len(body) - pos < table:
-            return False
-        pos += table
-    return True
+    while pos < stop:
+        pos += 65 if data[pos] < 16 else 129
+    return pos == stop
 
 
 def _app_segment(marker: int, segment: bytes) -> str | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 import warnings
 from typing import IO
 
@@ -159,30 +160,43 @@ def read_image_size(path: str | os.PathLike[str], *, exif: bool = True) -> tuple
     Raises:
         ImageProblem: The file cannot be used; ``reason`` says why.
     """
+    fast = _header_size(path)
+    if fast is not None:
+        width, height, orientation = fast
+        return (height, width) if exif and orientation >= 5 else (width, height)
     with _open_file(path) as fp:
-        fast = _header_size(fp, path)
-        if fast is not None:
-            width, height, orientation = fast
-            return (height, width) if exif and orientation >= 5 else (width, height)
         return _upright_size(_open_pillow(fp, path), path, exif=exif)
 
 
-def _header_size(fp: IO[bytes], path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+def _header_size(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
     """Size and orientation from `stoker.data.headers` when it is sure, else None (ask Pillow).
 
-    A size over ``PIL.Image.MAX_IMAGE_PIXELS`` goes to Pillow too, which warns or refuses it as
-    a decompression bomb exactly as before. ``fp`` is left at its start.
+    Only the happy case is answered here: a regular, non-empty file whose header the reader
+    parses. Everything else (an unreadable file, a FIFO, a size over
+    ``PIL.Image.MAX_IMAGE_PIXELS``, a header the reader is unsure of) returns None, and Pillow's
+    path gives the reason, the warning or the size exactly as before. The file is opened with
+    ``O_NONBLOCK`` (a FIFO never blocks) and read with at most two ``pread`` calls.
     """
-    extension = os.path.splitext(os.fspath(path))[1].lower()
+    extension = os.path.splitext(path)[1].lower()
     if extension not in _FAST_EXTENSIONS:
         return None
-    file_size = os.fstat(fp.fileno()).st_size
-    data = fp.read(headers.HEAD_BYTES)
-    answer = headers.header_size(data, extension, file_size)
-    if answer is headers.MORE and len(data) == headers.HEAD_BYTES:
-        data += fp.read(headers.MAX_HEAD_BYTES - len(data))
-        answer = headers.header_size(data, extension, file_size)
-    fp.seek(0)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+            return None
+        data = os.pread(fd, headers.HEAD_BYTES, 0)
+        answer = headers.header_size(data, extension, info.st_size)
+        if answer is headers.MORE and len(data) == headers.HEAD_BYTES:
+            data = os.pread(fd, headers.MAX_HEAD_BYTES, 0)
+            answer = headers.header_size(data, extension, info.st_size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     if not isinstance(answer, tuple):
         return None
     limit = Image.MAX_IMAGE_PIXELS
