@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
-from stoker.data import headers, images
+from stoker.data import catalog, headers, images
 from stoker.data.dataset import load_dataset
 from stoker.data.headers import MORE, header_size
 
@@ -339,3 +339,27 @@ def test_read_image_size_uses_the_reader_and_keeps_pillow_for_bombs(tmp_path, mo
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 2048 pixels: over twice the limit
     with pytest.raises(images.ImageProblem, match="decompression bomb"):
         images.read_image_size(path)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sizes_and_problems_land_on_their_rows_across_chunks(tmp_path, threads):
+    shapes = [jpeg(20, 10), jpeg(10, 30, 6), png(7, 9), b"broken", webp(12, 5)]
+    paths = []
+    for i in range(2 * catalog._CHUNK + 37):
+        kind = i % len(shapes) if i % 97 else 3  # every 97th file broken, in several chunks
+        path = tmp_path / f"{i:05d}{('.jpg', '.jpg', '.png', '.jpg', '.webp')[kind]}"
+        path.write_bytes(shapes[kind])
+        paths.append(str(path))
+    seen: list[tuple[int, int]] = []
+    sizes, failed = catalog._parallel_sizes(
+        paths, threads, lambda done, total: seen.append((done, total))
+    )
+    expected_failed = []
+    for i, path in enumerate(paths):
+        try:
+            assert tuple(sizes[i]) == images.read_image_size(path)
+        except images.ImageProblem as err:
+            assert tuple(sizes[i]) == (0, 0)
+            expected_failed.append((i, err.reason))
+    assert failed == expected_failed and len(failed) > 3
+    assert seen[-1] == (len(paths), len(paths)) and len(seen) == 3
