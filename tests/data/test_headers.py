@@ -363,3 +363,31 @@ def test_sizes_and_problems_land_on_their_rows_across_chunks(tmp_path, threads):
             expected_failed.append((i, err.reason))
     assert failed == expected_failed and len(failed) > 3
     assert seen[-1] == (len(paths), len(paths)) and len(seen) == 3
+
+
+def _segment(marker: int, body: bytes) -> bytes:
+    return b"\xff" + bytes([marker]) + (len(body) + 2).to_bytes(2, "big") + body
+
+
+@pytest.mark.parametrize(
+    ("marker", "body", "answers"),
+    [
+        (0xED, b"Photoshop 3.0\x008BIM\x04\x04\x00\x00\x00\x00\x02ab", True),
+        (0xED, b"Photoshop 3.0\x008BIM\x03\xed\x00\x00\x00\x00\x10" + b"\1" * 16, True),
+        (0xED, b"Photoshop 3.0\x008BIM\x04\x04", False),  # Pillow indexes the missing name length
+        (0xED, b"Photoshop 3.0\x008BIM\x04", True),  # a short code: Pillow stops quietly
+        (0xEE, b"Adobe\x00\x64\x00\x00\x00\x00\x01", True),
+        (0xEE, b"Adobe\x00", False),  # Pillow reads a 16-bit version past the end
+        (0xE0, b"JFIF\x00", False),
+        (0xE2, b"ICC_PROFILE\x00\x01", False),  # Pillow indexes byte 13 of the fragment
+        (0xE2, b"MPF\x00II*\x00", False),  # a camera MPO: Pillow's MPO plugin decides
+        (0xE1, b"http://ns.adobe.com/xap/1.0/\x00" + _XMP.replace(b"{o}", b"7"), True),
+    ],
+)
+def test_app_segments_pillow_indexes_into(marker, body, answers):
+    base = jpeg(30, 20)
+    data = base[:2] + _segment(marker, body) + base[2:]
+    got = agrees(data, ".jpg")
+    assert (got is not None) == answers
+    if answers:
+        assert pillow_answer(data, ".jpg") is not None
