@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -154,11 +155,37 @@ def test_png_text_chunks_and_gamma_are_passed_over():
     assert agrees(out.getvalue(), ".png") == (12, 9, 1)
 
 
-def test_png_with_exif_or_transparency_is_left_to_pillow():
-    # eXIf carries an orientation and tRNS has a handler that can fail: Pillow reads these.
-    assert header_size(png(20, 10, exif=_exif(6)), ".png", 10**6) is None
-    pal = png(20, 10, "P", transparency=0)
-    assert header_size(pal, ".png", len(pal)) is None
+def test_png_with_exif_is_left_to_pillow():
+    # eXIf carries an orientation: Pillow reads it.
+    data = png(20, 10, exif=_exif(6))
+    assert header_size(data, ".png", len(data)) is None
+    assert pillow_answer(data, ".png") == (20, 10, 6)
+
+
+@pytest.mark.parametrize(
+    ("mode", "transparency"), [("P", 0), ("L", 7), ("RGB", (1, 2, 3)), ("I;16", 300), ("1", 0)]
+)
+def test_png_transparency_matches_pillow(mode, transparency):
+    assert agrees(png(20, 10, mode, transparency=transparency), ".png") == (20, 10, 1)
+
+
+@pytest.mark.parametrize(
+    ("colour", "length", "answers"),
+    [(0, 1, False), (0, 2, True), (2, 5, False), (2, 6, True), (6, 0, True)],
+)
+def test_png_short_transparency_chunk_as_pillow_reads_it(colour, length, answers):
+    # Pillow's tRNS handler reads a 16-bit grey value or three for RGB; shorter is an error.
+    ihdr = (20).to_bytes(4, "big") + (10).to_bytes(4, "big") + bytes([8, colour, 0, 0, 0])
+    data = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"tRNS", b"\0" * length)
+    data += _chunk(b"IDAT", b"") + _chunk(b"IEND", b"")
+    got = agrees(data, ".png")
+    assert (got is not None) == answers
+    assert (pillow_answer(data, ".png") is not None) == answers
+
+
+def _chunk(cid: bytes, body: bytes) -> bytes:
+    crc = zlib.crc32(body, zlib.crc32(cid))
+    return len(body).to_bytes(4, "big") + cid + body + crc.to_bytes(4, "big")
 
 
 @pytest.mark.parametrize("orientation", [None, 1, 3, 6, 8])

@@ -19,10 +19,10 @@ what Pillow would warn about):
   standalone markers before SOS, a second SOF or Exif segment, and anything unexpected: ``None``.
 - PNG: the signature, IHDR first (length, colour type and bit depth Pillow knows, filter method
   0), and every chunk up to IDAT complete with a correct CRC. Only chunks whose Pillow handler
-  cannot fail or change the orientation are passed (PLTE, gAMA, cHRM, sRGB, pHYs, tEXt other
-  than ``exif``, and chunks Pillow has no handler for); eXIf, iCCP, tRNS, zTXt, iTXt, and APNG
-  chunks: ``None``. The orientation is therefore always 1 (stoker reads PNG EXIF only from
-  header chunks).
+  cannot fail or change the orientation are passed (PLTE, gAMA, cHRM, sRGB, pHYs, tRNS of the
+  length Pillow reads for the colour type, tEXt other than ``exif``, and chunks Pillow has no
+  handler for); eXIf, iCCP, zTXt, iTXt, and APNG chunks: ``None``. The orientation is
+  therefore always 1 (stoker reads PNG EXIF only from header chunks).
 - WebP: the whole RIFF container must be present in the file and its chunks well formed, as
   libwebp's demuxer (which Pillow uses) requires. A simple VP8 (lossy) or VP8L (lossless) file,
   or a still VP8X file with one image of the canvas size (optional ALPH before a VP8 image, and
@@ -322,6 +322,8 @@ _PNG_MODES: Final = frozenset(
 )  # fmt: skip
 # Chunks with a Pillow handler that cannot fail once this long (or at all), and change no size.
 _PNG_SAFE: Final = {b"PLTE": 0, b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"pHYs": 9, b"tEXt": 0}
+# tRNS bytes Pillow's handler reads, by IHDR colour type (grey: one 16-bit value, RGB: three).
+_TRNS_MINIMUM: Final = {0: 2, 2: 6, 3: 0, 4: 0, 6: 0}
 # Every chunk Pillow has a handler for (PngStream.chunk_*); a test keeps this list in step.
 PNG_HANDLED: Final = frozenset(
     b"IHDR IDAT IEND PLTE tRNS gAMA cHRM sRGB pHYs tEXt zTXt iTXt eXIf iCCP acTL fcTL fdAT".split()
@@ -333,6 +335,7 @@ def _png(data: bytes) -> Size | _More | None:
         return None
     pos = 8
     size: tuple[int, int] | None = None
+    colour = 0
     while True:
         if pos + 8 > len(data):
             return MORE
@@ -354,6 +357,10 @@ def _png(data: bytes) -> Size | _More | None:
             if length < 13 or (body[8], body[9]) not in _PNG_MODES or body[11] != 0:
                 return None
             size = int.from_bytes(body[0:4], "big"), int.from_bytes(body[4:8], "big")
+            colour = body[9]
+        elif cid == b"tRNS":
+            if length < _TRNS_MINIMUM[colour]:
+                return None  # Pillow: "Truncated tRNS chunk"
         elif cid in PNG_HANDLED:
             minimum = _PNG_SAFE.get(cid)
             if minimum is None or length < minimum:
