@@ -418,3 +418,34 @@ def test_app_segments_pillow_indexes_into(marker, body, answers):
     assert (got is not None) == answers
     if answers:
         assert pillow_answer(data, ".jpg") is not None
+
+
+@pytest.mark.parametrize(
+    ("body", "answers"),
+    [
+        (b"icc\0\0" + zlib.compress(b"\1" * 3000), True),
+        (b"icc\0\0" + b"not zlib data", True),  # Pillow drops a corrupt profile and goes on
+        (b"icc\0\1" + zlib.compress(b"\1" * 30), False),  # unknown compression method
+        (b"icc\0", False),  # no method byte: Pillow indexes past the end
+        (b"icc", False),
+    ],
+)
+def test_png_icc_profile_chunk_as_pillow_reads_it(body, answers):
+    ihdr = (20).to_bytes(4, "big") + (10).to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    data = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"iCCP", body)
+    data += _chunk(b"IDAT", b"") + _chunk(b"IEND", b"")
+    got = agrees(data, ".png")
+    assert (got is not None) == answers
+    assert (pillow_answer(data, ".png") is not None) == answers
+
+
+def test_png_icc_profile_over_pillows_text_limit_is_left_to_pillow(tmp_path, monkeypatch):
+    data = png(20, 10, icc_profile=b"\1" * 5000)
+    assert agrees(data, ".png") == (20, 10, 1)
+    assert header_size(data, ".png", len(data), png_text_limit=4000) is None
+    (tmp_path / "icc.png").write_bytes(data)
+    assert images.read_image_size(tmp_path / "icc.png") == (20, 10)
+    monkeypatch.setattr(PngImagePlugin, "MAX_TEXT_CHUNK", 4000)
+    assert pillow_answer(data, ".png") is None  # Pillow: decompressed data too large
+    with pytest.raises(images.ImageProblem, match="too large"):
+        images.read_image_size(tmp_path / "icc.png")  # the limit reaches the reader too

@@ -20,8 +20,9 @@ what Pillow would warn about):
 - PNG: the signature, IHDR first (length, colour type and bit depth Pillow knows, filter method
   0), and every chunk up to IDAT complete with a correct CRC. Only chunks whose Pillow handler
   cannot fail or change the orientation are passed (PLTE, gAMA, cHRM, sRGB, pHYs, tRNS of the
-  length Pillow reads for the colour type, tEXt other than ``exif``, and chunks Pillow has no
-  handler for); eXIf, iCCP, zTXt, iTXt, and APNG chunks: ``None``. The orientation is
+  length Pillow reads for the colour type, iCCP that Pillow inflates without an error, tEXt
+  other than ``exif``, and chunks Pillow has no handler for); eXIf, zTXt, iTXt, and APNG
+  chunks: ``None``. The orientation is
   therefore always 1 (stoker reads PNG EXIF only from header chunks).
 - WebP: the whole RIFF container must be present in the file and its chunks well formed, as
   libwebp's demuxer (which Pillow uses) requires. A simple VP8 (lossy) or VP8L (lossless) file,
@@ -62,7 +63,9 @@ Size = tuple[int, int, int]
 """``(width, height, orientation)``: the stored (not rotated) size and the EXIF orientation 1-8."""
 
 
-def header_size(data: bytes, extension: str, file_size: int) -> Size | _More | None:
+def header_size(
+    data: bytes, extension: str, file_size: int, *, png_text_limit: int = 1 << 20
+) -> Size | _More | None:
     """The stored size and EXIF orientation of an image from its first bytes.
 
     Args:
@@ -70,6 +73,8 @@ def header_size(data: bytes, extension: str, file_size: int) -> Size | _More | N
         extension: The file's extension, lower case with the dot (``".jpg"``). Only the format the
             extension promises is parsed, as stoker opens files only as their names promise.
         file_size: The file's size in bytes, so a prefix can be told from a cut-off file.
+        png_text_limit: Pillow's ``PngImagePlugin.MAX_TEXT_CHUNK`` (a PNG whose ICC profile
+            inflates past it is refused by Pillow, so the reader says None).
 
     Returns:
         ``(width, height, orientation)`` with the size as stored (orientations 5 to 8 mean the
@@ -80,7 +85,7 @@ def header_size(data: bytes, extension: str, file_size: int) -> Size | _More | N
     if extension in (".jpg", ".jpeg"):
         answer = _jpeg(data)
     elif extension == ".png":
-        answer = _png(data)
+        answer = _png(data, png_text_limit)
     elif extension == ".webp":
         return _webp(data, file_size)
     else:
@@ -330,7 +335,7 @@ PNG_HANDLED: Final = frozenset(
 )
 
 
-def _png(data: bytes) -> Size | _More | None:
+def _png(data: bytes, text_limit: int) -> Size | _More | None:
     if not data.startswith(_PNG_SIGNATURE):
         return None
     pos = 8
@@ -361,6 +366,9 @@ def _png(data: bytes) -> Size | _More | None:
         elif cid == b"tRNS":
             if length < _TRNS_MINIMUM[colour]:
                 return None  # Pillow: "Truncated tRNS chunk"
+        elif cid == b"iCCP":
+            if not _good_iccp(body, text_limit):
+                return None
         elif cid in PNG_HANDLED:
             minimum = _PNG_SAFE.get(cid)
             if minimum is None or length < minimum:
@@ -371,6 +379,22 @@ def _png(data: bytes) -> Size | _More | None:
     if size is None or size[0] == 0 or size[1] == 0 or max(size) >= 1 << 31:
         return None
     return size[0], size[1], 1
+
+
+def _good_iccp(body: bytes, text_limit: int) -> bool:
+    """Pillow's iCCP handler succeeds: a compression byte after the name, method 0, and a
+    profile that inflates within ``text_limit`` (corrupt zlib data it ignores)."""
+    name_end = body.find(b"\0")
+    if name_end + 1 >= len(body) or body[name_end + 1] != 0:
+        return False  # IndexError or "Unknown compression method" in Pillow
+    inflater = zlib.decompressobj()
+    try:
+        inflater.decompress(body[name_end + 2 :], text_limit)
+    except zlib.error:
+        return True  # Pillow drops the profile and goes on
+    except ValueError:
+        return False
+    return not inflater.unconsumed_tail
 
 
 # --- WebP ------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import IO
 import numpy as np
 import torch
 import torch.nn.functional
-from PIL import Image, UnidentifiedImageError, features
+from PIL import Image, PngImagePlugin, UnidentifiedImageError, features
 
 try:  # libjpeg-turbo with DCT-domain scaling; without it JPEGs go through Pillow's draft
     import simplejpeg as _turbo  # type: ignore[import-untyped]
@@ -194,10 +194,11 @@ def _header_size(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
         if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
             return None
         data = os.pread(fd, headers.HEAD_BYTES, 0)
-        answer = headers.header_size(data, extension, info.st_size)
+        text_limit = PngImagePlugin.MAX_TEXT_CHUNK
+        answer = headers.header_size(data, extension, info.st_size, png_text_limit=text_limit)
         if answer is headers.MORE and len(data) == headers.HEAD_BYTES:
             data = os.pread(fd, headers.MAX_HEAD_BYTES, 0)
-            answer = headers.header_size(data, extension, info.st_size)
+            answer = headers.header_size(data, extension, info.st_size, png_text_limit=text_limit)
     except OSError:
         return None
     finally:
