@@ -184,6 +184,7 @@ def scan_dataset(
     *,
     threads: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    links_outside: bool = False,
 ) -> tuple[Catalog, list[Problem]]:
     """Scan every subset of ``datasets``: files, captions, header sizes.
 
@@ -191,6 +192,8 @@ def scan_dataset(
         datasets: the dataset configs, as parsed.
         threads: parallel header reads (the CPU budget is a good value).
         progress: called as ``progress(done, total)`` while reading sizes.
+        links_outside: follow symlinks and metadata keys that lead out of their folder (a
+            symlink farm) instead of reporting them as ``outside_root``.
 
     Returns:
         The catalog of usable images and the problems found (files skipped, captions replaced).
@@ -206,7 +209,7 @@ def scan_dataset(
             index = len(subsets)
             subsets.append(subset)
             owners.append(d)
-            _scan_subset(subset, index, rows, problems)
+            _scan_subset(subset, index, rows, problems, links_outside)
     sizes = _read_sizes(rows, subsets, threads, progress, problems)
     keep = np.flatnonzero(sizes[:, 0] > 0)
     everything = len(keep) == len(rows.paths)
@@ -232,19 +235,25 @@ def _scan_subset(
     index: int,
     rows: _Rows,
     problems: list[Problem],
+    links_outside: bool,
 ) -> None:
     entries: Iterable[tuple[str, str | None, tuple[int, int] | None]]
     if subset.metadata_file is not None:
-        entries = _metadata_entries(subset, index, problems, load_metadata(subset.metadata_file))
+        metadata = load_metadata(subset.metadata_file)
+        entries = _metadata_entries(subset, index, problems, metadata, links_outside)
         if subset.conditioning_data_dir is not None:
             entries = list(entries)  # its problems first, as ever, then the conditioning ones
     else:
-        entries = [(p, None, None) for p in _list_images(subset, index, problems)]
+        entries = [(p, None, None) for p in _list_images(subset, index, problems, links_outside)]
     cond_dir = _checked_dir(subset.conditioning_data_dir, subset, "conditioning_data_dir")
-    cond_index = _index_by_stem(cond_dir, subset, index, problems) if cond_dir is not None else {}
+    cond_index = (
+        _index_by_stem(cond_dir, subset, index, problems, links_outside)
+        if cond_dir is not None
+        else {}
+    )
     for path, caption, size in entries:
         if caption is None:
-            caption = _read_caption(Path(path), subset, index, problems)
+            caption = _read_caption(Path(path), subset, index, problems, links_outside)
         conditioning = ""
         if cond_dir is not None:
             stem = os.path.splitext(os.path.basename(path))[0]
@@ -279,20 +288,22 @@ def _checked_dir(folder: Path | None, subset: SubsetConfig, key: str) -> Path | 
     return folder
 
 
-def _list_images(subset: SubsetConfig, index: int, problems: list[Problem]) -> list[str]:
+def _list_images(
+    subset: SubsetConfig, index: int, problems: list[Problem], links_outside: bool
+) -> list[str]:
     folder = _checked_dir(subset.image_dir, subset, "image_dir")
     if folder is None:
         raise DatasetError(f"{subset.where}: a subset needs image_dir or metadata_file")
-    found = _image_files(folder, subset, index, problems)
+    found = _image_files(folder, subset, index, problems, links_outside)
     return [str(folder / name) for name in sorted(found)]
 
 
 def _image_files(
-    folder: Path, subset: SubsetConfig, index: int, problems: list[Problem]
+    folder: Path, subset: SubsetConfig, index: int, problems: list[Problem], links_outside: bool
 ) -> list[str]:
     """Names of the usable image files in ``folder``; symlinks out of it and non-files reported."""
     extensions = image_extensions()
-    root = os.path.realpath(folder)
+    root = None if links_outside else os.path.realpath(folder)
     try:
         with os.scandir(folder) as it:
             entries = [e for e in it if _has_ext(e.name, extensions)]
@@ -314,7 +325,7 @@ def _image_files(
 
 
 def _entry_problem(
-    entry: os.DirEntry[str], root: str
+    entry: os.DirEntry[str], root: str | None
 ) -> tuple[ProblemKind, str] | Literal["file", "folder"]:
     """``"file"`` when usable, ``"folder"`` (silently not an image), else the problem."""
     try:
@@ -331,19 +342,23 @@ def _entry_problem(
         return "missing_image", f"cannot be read: {os_reason(err)}"
 
 
-def symlink_problem(path: str, root: str) -> tuple[ProblemKind, str] | None:
-    """Why the symlink at ``path`` must not be followed (dangling, a loop, out of ``root``), or None."""
+def symlink_problem(path: str, root: str | None) -> tuple[ProblemKind, str] | None:
+    """Why the symlink at ``path`` must not be followed (dangling, a loop, out of ``root``), or None.
+
+    ``root`` None: the user let links lead anywhere (``links_outside``).
+    """
     try:
         os.stat(path)
     except OSError as err:
         if err.errno == 2:
             return "missing_image", "dangling symlink: its target does not exist"
         return "missing_image", f"symlink cannot be followed: {os_reason(err)}"
-    if not inside(path, root):
+    if root is not None and not inside(path, root):
         return (
             "outside_root",
             f"symlink leads outside the dataset folder {root} (to {os.path.realpath(path)}); "
-            "copy the file in, or point image_dir at the folder that holds it",
+            "copy the file in, point image_dir at the folder that holds it, or opt in to "
+            "following such links (load_dataset links_outside=True, --links-outside)",
         )
     return None
 
@@ -353,15 +368,17 @@ def _has_ext(name: str, extensions: tuple[str, ...]) -> bool:
 
 
 def _index_by_stem(
-    folder: Path, subset: SubsetConfig, index: int, problems: list[Problem]
+    folder: Path, subset: SubsetConfig, index: int, problems: list[Problem], links_outside: bool
 ) -> dict[str, Path]:
     found: dict[str, Path] = {}
-    for name in sorted(_image_files(folder, subset, index, problems)):
+    for name in sorted(_image_files(folder, subset, index, problems, links_outside)):
         found.setdefault(os.path.splitext(name)[0], folder / name)
     return found
 
 
-def _read_caption(image: Path, subset: SubsetConfig, index: int, problems: list[Problem]) -> str:
+def _read_caption(
+    image: Path, subset: SubsetConfig, index: int, problems: list[Problem], links_outside: bool
+) -> str:
     """The caption file's text, or the class tokens when it is missing, empty or unusable."""
     fallback = subset.class_tokens or ""
     file = image.with_name(image.stem + subset.caption_extension)
@@ -374,7 +391,7 @@ def _read_caption(image: Path, subset: SubsetConfig, index: int, problems: list[
         return fallback
 
     try:
-        if os.path.islink(file):
+        if os.path.islink(file) and not links_outside:
             link = symlink_problem(str(file), os.path.realpath(image.parent))
             if link is not None and link[0] == "outside_root":
                 return problem(f"caption {link[1]}", "outside_root")
@@ -407,7 +424,11 @@ def _read_caption(image: Path, subset: SubsetConfig, index: int, problems: list[
 
 
 def _metadata_entries(
-    subset: SubsetConfig, index: int, problems: list[Problem], metadata: dict[str, dict[str, Any]]
+    subset: SubsetConfig,
+    index: int,
+    problems: list[Problem],
+    metadata: dict[str, dict[str, Any]],
+    links_outside: bool,
 ) -> Iterator[tuple[str, str | None, tuple[int, int] | None]]:
     """``(path, caption, size or None)`` per metadata entry whose image is found, in file order.
 
@@ -415,7 +436,8 @@ def _metadata_entries(
     and a million rows are never all held at once.
     """
     assert subset.metadata_file is not None
-    finder = _KeyFinder(subset.image_dir if subset.image_dir is not None else Path.cwd())
+    base = subset.image_dir if subset.image_dir is not None else Path.cwd()
+    finder = _KeyFinder(base, links_outside)
     plain = finder.plain_names()
     fallback = subset.class_tokens or ""
     for key in list(metadata):
@@ -447,12 +469,14 @@ class _KeyFinder:
 
     A key is a path relative to the base (``image_dir``), with or without its extension, or an
     absolute path (the user's explicit choice). A relative key that climbs out of the base
-    (``../x``), a key with a NUL byte, or a symlink leading out of the base is refused.
+    (``../x``), a key with a NUL byte, or a symlink leading out of the base is refused, unless
+    ``links_outside`` (then only the NUL byte is).
     """
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, links_outside: bool = False) -> None:
         self.base = os.path.abspath(base)
         self.root = os.path.realpath(base)
+        self.links_outside = links_outside
         self.extensions = image_extensions()
         # A key without extension matches <key><ext> in this order, as sd-scripts tries them.
         variants = [v for ext in self.extensions for v in (ext, ext.upper())]
@@ -500,7 +524,7 @@ class _KeyFinder:
             folder, name = self.base, key  # the common case: a plain name in image_dir
         else:
             joined = os.path.normpath(key if absolute else os.path.join(self.base, key))
-            if not absolute and not lexically_inside(joined, self.base):
+            if not (absolute or self.links_outside or lexically_inside(joined, self.base)):
                 return None, (
                     "outside_root",
                     f"image key leads outside image_dir {self.base}; keys are relative to image_dir",
@@ -513,7 +537,8 @@ class _KeyFinder:
             return None, None
         path = os.path.join(folder, found)
         if listing.symlinks[found]:
-            problem = symlink_problem(path, folder if absolute else self.root)
+            root = None if self.links_outside else folder if absolute else self.root
+            problem = symlink_problem(path, root)
             if problem is not None:
                 return None, problem
         return path, None
