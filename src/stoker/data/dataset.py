@@ -23,6 +23,7 @@ import torch
 
 from stoker import torch_internals
 from stoker.data.buckets import BucketReport, assign_buckets, bucket_report
+from stoker.data.buffers import BatchBuffers
 from stoker.data.captions import process_caption
 from stoker.data.catalog import Catalog, Problem, scan_dataset, stderr_progress
 from stoker.data.config import (
@@ -207,6 +208,8 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         # Set on the twin that worker processes run (`for_workers`): float batches cross the
         # worker queue as uint8, a quarter of the bytes, and `arrive` converts them.
         self.uint8_in_transit = False
+        # Reused memory for the batches this process builds (stoker.data.buffers); twins share it.
+        self.buffers = BatchBuffers()
         # Set by load_dataset(latent_cache=..., text_cache=...): readers of stoker.cache.
         self.latents: Any = None
         self.text: Any = None
@@ -261,7 +264,7 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         for key in ("images", "conditioning_images"):
             value = batch.get(key)
             if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
-                batch[key] = _uint8_to_float(value)
+                batch[key] = _uint8_to_float(value, self.buffers)
         return batch
 
     def make_batch_sampler(
@@ -345,7 +348,11 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             replaced += problems
         if not samples:
             return {"empty": True, "replaced": replaced, "images": None, "captions": []}
-        batch = _collate(samples, float_images=self.output == "float" and not self.uint8_in_transit)
+        batch = _collate(
+            samples,
+            float_images=self.output == "float" and not self.uint8_in_transit,
+            buffers=self.buffers,
+        )
         if self.text is not None:  # cached text-encoder outputs of the final captions
             batch |= self.text.collate(batch["captions"])
         batch["replaced"] = replaced
@@ -567,14 +574,18 @@ def _fit(
     return pixels
 
 
-def _collate(samples: list[dict[str, Any]], *, float_images: bool) -> dict[str, Any]:
+def _collate(
+    samples: list[dict[str, Any]], *, float_images: bool, buffers: BatchBuffers | None = None
+) -> dict[str, Any]:
     """Stack samples of one bucket into sd-scripts' batch dict."""
     pixels = [s["pixels"] for s in samples]
     batch: dict[str, Any] = {}
     if isinstance(pixels[0], torch.Tensor):  # latents from the cache (stoker.cache)
         batch["latents"] = torch.stack(pixels)
     else:
-        batch["images"] = _planes([p[..., :3] for p in pixels], float_images=float_images)
+        batch["images"] = _planes(
+            [p[..., :3] for p in pixels], float_images=float_images, buffers=buffers
+        )
     batch |= {
         "captions": [s["caption"] for s in samples],
         "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
@@ -596,7 +607,7 @@ def _collate(samples: list[dict[str, Any]], *, float_images: bool) -> dict[str, 
         batch["alpha_masks"] = torch.from_numpy(np.stack(masks))
     if "conditioning" in samples[0]:
         cond = [s["conditioning"] for s in samples]
-        batch["conditioning_images"] = _planes(cond, float_images=float_images)
+        batch["conditioning_images"] = _planes(cond, float_images=float_images, buffers=buffers)
     return batch
 
 
@@ -619,7 +630,9 @@ def _share_in_worker(batch: dict[str, Any]) -> None:
 _HALF_RANGE = np.float32(127.5)
 
 
-def _planes(pixels: list[np.ndarray], *, float_images: bool) -> torch.Tensor:
+def _planes(
+    pixels: list[np.ndarray], *, float_images: bool, buffers: BatchBuffers | None = None
+) -> torch.Tensor:
     """HWC uint8 images (views allowed) into one new NCHW tensor: uint8, or float in [-1, 1].
 
     Each colour plane is read once from its strided view and written once into the batch, already
@@ -629,7 +642,7 @@ def _planes(pixels: list[np.ndarray], *, float_images: bool) -> torch.Tensor:
     """
     height, width = pixels[0].shape[:2]
     batch = _batch_tensor(
-        (len(pixels), 3, height, width), torch.float32 if float_images else torch.uint8
+        (len(pixels), 3, height, width), torch.float32 if float_images else torch.uint8, buffers
     )
     out = batch.numpy()
     for n, image in enumerate(pixels):
@@ -641,17 +654,22 @@ def _planes(pixels: list[np.ndarray], *, float_images: bool) -> torch.Tensor:
     return batch
 
 
-def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An empty tensor; in a DataLoader worker, already in shared memory.
+def _batch_tensor(
+    shape: tuple[int, ...], dtype: torch.dtype, buffers: BatchBuffers | None = None
+) -> torch.Tensor:
+    """An empty tensor; in a DataLoader worker, already in shared memory; else in ``buffers``'
+    reused memory when given (`stoker.data.buffers`: no fresh pages to fault in per batch).
 
     A worker's batch goes to the main process through shared memory; a tensor in ordinary memory
     is first copied into a new shared segment there. Built in shared memory from the start (as
     torch's own ``default_collate`` does; see `stoker.torch_internals.new_shared_tensor`), it is
     sent as is: one copy of every batch less.
     """
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    return torch_internals.new_shared_tensor(shape, dtype)
+    if torch.utils.data.get_worker_info() is not None:
+        return torch_internals.new_shared_tensor(shape, dtype)
+    if buffers is not None:
+        return buffers.empty(shape, dtype)
+    return torch.empty(shape, dtype=dtype)
 
 
 def _plane_to_float(plane: np.ndarray, out: np.ndarray) -> None:
@@ -659,10 +677,14 @@ def _plane_to_float(plane: np.ndarray, out: np.ndarray) -> None:
     np.subtract(out, np.float32(1.0), out=out)
 
 
-def _uint8_to_float(images: torch.Tensor) -> torch.Tensor:
-    """A uint8 batch from `_planes` to float32 in [-1, 1], plane by plane (see `_planes`)."""
+def _uint8_to_float(images: torch.Tensor, buffers: BatchBuffers | None = None) -> torch.Tensor:
+    """A uint8 batch from `_planes` to float32 in [-1, 1], plane by plane (see `_planes`); into
+    ``buffers``' reused memory when given, unless the batch is pinned (then the result is too)."""
     source = images.contiguous().numpy()
-    out = torch.empty(images.shape, dtype=torch.float32, pin_memory=images.is_pinned())
+    if buffers is not None and not images.is_pinned():
+        out = buffers.empty(tuple(images.shape), torch.float32)
+    else:
+        out = torch.empty(images.shape, dtype=torch.float32, pin_memory=images.is_pinned())
     planes = source.reshape(-1, *source.shape[-2:])
     targets = out.numpy().reshape(planes.shape)
     for plane, target in zip(planes, targets, strict=True):
