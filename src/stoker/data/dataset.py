@@ -208,6 +208,7 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         # Set on the twin that worker processes run (`for_workers`): float batches cross the
         # worker queue as uint8, a quarter of the bytes, and `arrive` converts them.
         self.uint8_in_transit = False
+        self.small_in_transit = False  # small tensors travel as arrays (`for_workers`)
         # Reused memory for the batches this process builds (stoker.data.buffers); twins share it.
         self.buffers = BatchBuffers()
         # Set by load_dataset(latent_cache=..., text_cache=...): readers of stoker.cache.
@@ -239,27 +240,41 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return twin
 
     def for_workers(self) -> StokerDataset:
-        """The twin that DataLoader workers run: float batches travel as uint8, `arrive` converts.
+        """The twin that DataLoader workers run: batches travel in a cheaper form, `arrive` finishes.
 
-        A float batch of four 1 MP images is 48 MiB that a worker writes into fresh shared memory
-        and the main process maps; as uint8 it is 12 MiB, and the conversion (one pass per plane in
-        the main process) is the same arithmetic, so batches are bitwise the same. Measured in
-        issue #11: 2 workers reached 0.69 of twice one process with float batches, 0.81 with uint8.
+        - Float images travel as uint8. A float batch of four 1 MP images is 48 MiB that a worker
+          writes into fresh shared memory and the main process maps; as uint8 it is 12 MiB, and
+          the conversion (one pass per plane in the main process) is the same arithmetic, so
+          batches are bitwise the same. Measured in issue #11: 2 workers reached 0.69 of twice one
+          process with float batches, 0.81 with uint8.
+        - Small tensors (loss weights, sizes, multipliers) travel inside the batch's pickle as
+          NumPy arrays. Each tensor sent as a tensor costs a shared-memory segment in the worker
+          and a file-descriptor handshake (a socket connection with an HMAC challenge) in both
+          processes: five of the six tensors of a batch, about 1 ms of the main process's time
+          per image on 2 CPUs (issue #11).
         """
-        if self.output != "float":
-            return self
         twin = object.__new__(type(self))  # a subclass stays itself in the workers
         twin.__dict__.update(self.__dict__)
-        twin.uint8_in_transit = True
+        twin.uint8_in_transit = self.output == "float"
+        twin.small_in_transit = True
         return twin
 
     def arrive(self, batch: Any) -> Any:
-        """Finish a batch where it is consumed: uint8 images from `for_workers` become float.
+        """Finish a batch where it is consumed: what `for_workers` sent cheaply becomes what the
+        batch promises (uint8 images become float, small arrays become tensors).
 
         The loader calls this in the main process for each batch; other batches pass unchanged.
         A pinned batch (``pin_memory``) gets a pinned result.
         """
-        if not (self.uint8_in_transit and isinstance(batch, dict)):
+        if not (self.small_in_transit or self.uint8_in_transit) or not isinstance(batch, dict):
+            return batch
+        if self.small_in_transit:
+            pinned = _is_pinned(batch)
+            for key, value in batch.items():
+                if isinstance(value, _Inline):
+                    tensor = torch.from_numpy(value.array)
+                    batch[key] = tensor.pin_memory() if pinned else tensor.clone()
+        if not self.uint8_in_transit:
             return batch
         for key in ("images", "conditioning_images"):
             value = batch.get(key)
@@ -356,6 +371,8 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         if self.text is not None:  # cached text-encoder outputs of the final captions
             batch |= self.text.collate(batch["captions"])
         batch["replaced"] = replaced
+        if self.small_in_transit:
+            _inline_small_tensors(batch)
         _share_in_worker(batch)
         return batch
 
@@ -609,6 +626,46 @@ def _collate(
         cond = [s["conditioning"] for s in samples]
         batch["conditioning_images"] = _planes(cond, float_images=float_images, buffers=buffers)
     return batch
+
+
+# Tensors up to this size cross the worker queue inside the batch's pickle (`for_workers`).
+_INLINE_BYTES = 1 << 16
+
+
+class _Inline:
+    """A small tensor of a batch in transit from a worker, as a NumPy array pickled by value."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Inline, (self.array,))
+
+
+def _is_pinned(batch: dict[str, Any]) -> bool:
+    """Whether the loader pinned this batch (its tensors are all pinned or all not)."""
+    return any(isinstance(v, torch.Tensor) and v.is_pinned() for v in batch.values())
+
+
+def _inline_small_tensors(batch: dict[str, Any]) -> None:
+    """Replace the batch's small CPU tensors with `_Inline` arrays (same keys, same order)."""
+    for key, value in batch.items():
+        if (
+            isinstance(value, torch.Tensor)
+            and value.device.type == "cpu"
+            and value.nbytes <= _INLINE_BYTES
+            and value.dtype in _NUMPY_DTYPES
+            and not value.requires_grad
+        ):
+            batch[key] = _Inline(value.contiguous().numpy())
+
+
+_NUMPY_DTYPES = frozenset(
+    {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+    | {torch.float16, torch.float32, torch.float64}
+)
 
 
 def _share_in_worker(batch: dict[str, Any]) -> None:
