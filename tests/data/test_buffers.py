@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 import stoker
-from stoker.data.buffers import MIN_BYTES, BatchBuffers
+from stoker.data import buffers as buffers_module
+from stoker.data.buffers import MIN_BYTES, ArrivedBlocks, BatchBuffers, SharedBlocks
 
 SHAPE = (2, 3, 256, 512)  # 3 MiB of float32: above MIN_BYTES
 
@@ -100,18 +101,22 @@ def test_the_pool_pickles_empty() -> None:
     assert batch.numel() > 0
 
 
-@pytest.mark.slow
-def test_batches_kept_by_the_loop_keep_their_values(tmp_path: Path) -> None:
-    """Every batch of an epoch held at once equals the same batch hashed and dropped at once."""
-    folder = tmp_path / "1_set"
+def write_images(root: Path, count: int) -> None:
+    folder = root / "1_set"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(12):
+    for i in range(count):
         size = ((640, 480), (480, 640), (512, 512))[i % 3]
         pixels = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
         image = Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC)
         image.save(folder / f"{i}.jpg", quality=90)
         (folder / f"{i}.txt").write_text("a photo\n", encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_batches_kept_by_the_loop_keep_their_values(tmp_path: Path) -> None:
+    """Every batch of an epoch held at once equals the same batch hashed and dropped at once."""
+    write_images(tmp_path, 12)
     ds = stoker.load_dataset(tmp_path, resolution=512, batch_size=2, progress=None)
     loader = stoker.make_loader(ds, seed=1, shuffle=True, workers=0, monitor=False)
     one_at_a_time = [batch["images"].clone() for batch in loader]
@@ -129,3 +134,76 @@ def test_batches_kept_by_the_loop_keep_their_values(tmp_path: Path) -> None:
         for batch, expected in zip(fresh, one_at_a_time, strict=True)
     )
     assert ordinary.buffers.kept_bytes() == 0
+
+
+# --- a worker's shared-memory blocks -------------------------------------------------------------
+
+BYTES = (4, 3, 256, 512)  # 1.5 MiB of uint8
+
+
+@pytest.mark.skipif(not buffers_module._ORDERED_STORES, reason="blocks are reused on x86-64 only")
+def test_a_shared_block_is_written_again_only_after_it_was_given_back() -> None:
+    blocks = SharedBlocks(blocks=2)
+    arrived = ArrivedBlocks()
+    first = blocks.empty(BYTES, torch.uint8)
+    assert first.is_shared() and first.shape == BYTES and first.is_contiguous()
+    second = blocks.empty(BYTES, torch.uint8)
+    assert second.data_ptr() != first.data_ptr()  # the first was not given back
+    third = blocks.empty(BYTES, torch.uint8)  # both blocks lent: a fresh segment
+    assert third.is_shared() and third.data_ptr() not in (first.data_ptr(), second.data_ptr())
+    assert not arrived.give_back(third)  # not a block: nothing is written
+    assert not arrived.give_back(torch.zeros(BYTES, dtype=torch.uint8))
+    assert arrived.give_back(first)
+    again = blocks.empty((3, 3, 256, 512), torch.uint8)  # smaller: the given-back block
+    assert again.data_ptr() == first.data_ptr()
+    assert not arrived.give_back(first[1:])  # a view that does not start the block
+    assert blocks.empty(BYTES, torch.uint8).data_ptr() not in (first.data_ptr(), second.data_ptr())
+
+
+@pytest.mark.skipif(not buffers_module._ORDERED_STORES, reason="blocks are reused on x86-64 only")
+def test_blocks_nobody_gives_back_are_dropped() -> None:
+    """With pin_memory the loop receives pinned copies and never gives a block back."""
+    blocks = SharedBlocks(blocks=2)
+    lent = [blocks.empty(BYTES, torch.uint8) for _ in range(2 + 2 * 2)]
+    assert all(t.is_shared() for t in lent)
+    assert blocks._kept == [] and blocks.blocks == 0
+    assert blocks.empty(BYTES, torch.uint8).is_shared()  # fresh segments from now on
+    given = SharedBlocks(blocks=1)
+    first = given.empty(BYTES, torch.uint8)
+    assert ArrivedBlocks().give_back(first)
+    held = given.empty(BYTES, torch.uint8)
+    for _ in range(4):
+        given.empty(BYTES, torch.uint8)  # the one block is lent: fresh ones
+    assert len(given._kept) == 1 and held.data_ptr() == first.data_ptr()
+
+
+def test_shared_blocks_pickle_empty_and_size_blocks_for_the_largest_batch() -> None:
+    blocks = SharedBlocks(blocks=3, block_bytes=5 << 20)
+    blocks.empty(BYTES, torch.uint8)
+    copy = pickle.loads(pickle.dumps(blocks))
+    assert (copy.blocks, copy.block_bytes, copy._kept) == (3, 5 << 20, [])
+    if buffers_module._ORDERED_STORES:
+        assert blocks._kept[0].capacity >= 5 << 20
+    arrived = pickle.loads(pickle.dumps(ArrivedBlocks(keep=5)))
+    assert arrived.keep == 5 and arrived._mapped == []
+
+
+@pytest.mark.slow
+def test_workers_reusing_blocks_send_the_same_batches(tmp_path: Path) -> None:
+    """Three epochs through two persistent workers that write batches into given-back blocks
+    equal the same epochs made in the main process."""
+    write_images(tmp_path, 12)
+    ds = stoker.load_dataset(tmp_path, resolution=512, batch_size=2, progress=None)
+
+    def epochs(workers: int) -> tuple[Any, list[torch.Tensor]]:
+        loader = stoker.make_loader(
+            ds, seed=2, shuffle=True, workers=workers, persistent=workers > 0, monitor=False
+        )
+        return loader, [batch["images"] for _ in range(3) for batch in loader]
+
+    _, expected = epochs(0)
+    loader, got = epochs(2)
+    assert len(got) == len(expected) == 18
+    assert all(map(torch.equal, got, expected))
+    if buffers_module._ORDERED_STORES:
+        assert loader.dataset.arrived._mapped  # batches did come in given-back blocks

@@ -23,7 +23,7 @@ import torch
 
 from stoker import torch_internals
 from stoker.data.buckets import BucketReport, assign_buckets, bucket_report
-from stoker.data.buffers import BatchBuffers
+from stoker.data.buffers import ArrivedBlocks, BatchBuffers, SharedBlocks
 from stoker.data.captions import process_caption
 from stoker.data.catalog import Catalog, Problem, scan_dataset, stderr_progress
 from stoker.data.config import (
@@ -211,6 +211,10 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.small_in_transit = False  # small tensors travel as arrays (`for_workers`)
         # Reused memory for the batches this process builds (stoker.data.buffers); twins share it.
         self.buffers = BatchBuffers()
+        # A worker's reused shared-memory blocks for uint8 batches that `arrive` converts and
+        # gives back (the main process's side: `arrived`).
+        self.shared_blocks = SharedBlocks()
+        self.arrived = ArrivedBlocks()
         # Set by load_dataset(latent_cache=..., text_cache=...): readers of stoker.cache.
         self.latents: Any = None
         self.text: Any = None
@@ -257,7 +261,16 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         twin.__dict__.update(self.__dict__)
         twin.uint8_in_transit = self.output == "float"
         twin.small_in_transit = True
+        if twin.uint8_in_transit:  # blocks that hold the largest uint8 batch, given back on arrival
+            twin.shared_blocks = SharedBlocks(block_bytes=self._largest_batch_bytes())
         return twin
+
+    def _largest_batch_bytes(self) -> int:
+        """Bytes of the largest uint8 image batch its buckets and batch sizes make."""
+        if len(self.groups) == 0:
+            return 0
+        pixels = self.bucket_wh[:, 0] * self.bucket_wh[:, 1] * self.batch_sizes[self.groups]
+        return int(pixels.max()) * 3
 
     def arrive(self, batch: Any) -> Any:
         """Finish a batch where it is consumed: what `for_workers` sent cheaply becomes what the
@@ -280,6 +293,7 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             value = batch.get(key)
             if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
                 batch[key] = _uint8_to_float(value, self.buffers)
+                self.arrived.give_back(value)  # read: its worker may write the next batch there
         return batch
 
     def make_batch_sampler(
@@ -367,6 +381,7 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             samples,
             float_images=self.output == "float" and not self.uint8_in_transit,
             buffers=self.buffers,
+            shared=self.shared_blocks if self.uint8_in_transit else None,
         )
         if self.text is not None:  # cached text-encoder outputs of the final captions
             batch |= self.text.collate(batch["captions"])
@@ -592,7 +607,11 @@ def _fit(
 
 
 def _collate(
-    samples: list[dict[str, Any]], *, float_images: bool, buffers: BatchBuffers | None = None
+    samples: list[dict[str, Any]],
+    *,
+    float_images: bool,
+    buffers: BatchBuffers | None = None,
+    shared: SharedBlocks | None = None,
 ) -> dict[str, Any]:
     """Stack samples of one bucket into sd-scripts' batch dict."""
     pixels = [s["pixels"] for s in samples]
@@ -601,7 +620,7 @@ def _collate(
         batch["latents"] = torch.stack(pixels)
     else:
         batch["images"] = _planes(
-            [p[..., :3] for p in pixels], float_images=float_images, buffers=buffers
+            [p[..., :3] for p in pixels], float_images=float_images, buffers=buffers, shared=shared
         )
     batch |= {
         "captions": [s["caption"] for s in samples],
@@ -624,7 +643,9 @@ def _collate(
         batch["alpha_masks"] = torch.from_numpy(np.stack(masks))
     if "conditioning" in samples[0]:
         cond = [s["conditioning"] for s in samples]
-        batch["conditioning_images"] = _planes(cond, float_images=float_images, buffers=buffers)
+        batch["conditioning_images"] = _planes(
+            cond, float_images=float_images, buffers=buffers, shared=shared
+        )
     return batch
 
 
@@ -688,7 +709,11 @@ _HALF_RANGE = np.float32(127.5)
 
 
 def _planes(
-    pixels: list[np.ndarray], *, float_images: bool, buffers: BatchBuffers | None = None
+    pixels: list[np.ndarray],
+    *,
+    float_images: bool,
+    buffers: BatchBuffers | None = None,
+    shared: SharedBlocks | None = None,
 ) -> torch.Tensor:
     """HWC uint8 images (views allowed) into one new NCHW tensor: uint8, or float in [-1, 1].
 
@@ -699,7 +724,10 @@ def _planes(
     """
     height, width = pixels[0].shape[:2]
     batch = _batch_tensor(
-        (len(pixels), 3, height, width), torch.float32 if float_images else torch.uint8, buffers
+        (len(pixels), 3, height, width),
+        torch.float32 if float_images else torch.uint8,
+        buffers,
+        shared,
     )
     out = batch.numpy()
     for n, image in enumerate(pixels):
@@ -712,10 +740,14 @@ def _planes(
 
 
 def _batch_tensor(
-    shape: tuple[int, ...], dtype: torch.dtype, buffers: BatchBuffers | None = None
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    buffers: BatchBuffers | None = None,
+    shared: SharedBlocks | None = None,
 ) -> torch.Tensor:
-    """An empty tensor; in a DataLoader worker, already in shared memory; else in ``buffers``'
-    reused memory when given (`stoker.data.buffers`: no fresh pages to fault in per batch).
+    """An empty tensor; in a DataLoader worker, already in shared memory (in ``shared``'s reused
+    blocks when given); else in ``buffers``' reused memory when given (`stoker.data.buffers`: no
+    fresh pages to fault in per batch).
 
     A worker's batch goes to the main process through shared memory; a tensor in ordinary memory
     is first copied into a new shared segment there. Built in shared memory from the start (as
@@ -723,6 +755,8 @@ def _batch_tensor(
     sent as is: one copy of every batch less.
     """
     if torch.utils.data.get_worker_info() is not None:
+        if shared is not None:
+            return shared.empty(shape, dtype)
         return torch_internals.new_shared_tensor(shape, dtype)
     if buffers is not None:
         return buffers.empty(shape, dtype)
