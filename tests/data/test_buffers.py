@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import stoker
+from stoker import torch_internals
 from stoker.data import buffers as buffers_module
 from stoker.data.buffers import MIN_BYTES, ArrivedBlocks, BatchBuffers, SharedBlocks
 
@@ -175,6 +176,23 @@ def test_blocks_nobody_gives_back_are_dropped() -> None:
     for _ in range(4):
         given.empty(BYTES, torch.uint8)  # the one block is lent: fresh ones
     assert len(given._kept) == 1 and held.data_ptr() == first.data_ptr()
+
+
+@pytest.mark.skipif(not buffers_module._ORDERED_STORES, reason="blocks are reused on x86-64 only")
+def test_a_full_dev_shm_stops_new_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = SharedBlocks(blocks=4)
+    kept = blocks.empty(BYTES, torch.uint8)
+    fresh = torch_internals.new_shared_tensor
+
+    def full(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if shape == (len(kept.untyped_storage()),):  # a new block
+            raise RuntimeError("unable to allocate shared memory")
+        return fresh(shape, dtype)
+
+    monkeypatch.setattr(torch_internals, "new_shared_tensor", full)
+    other = blocks.empty(BYTES, torch.uint8)  # no block: a fresh segment, as before the blocks
+    assert other.is_shared() and other.untyped_storage().nbytes() == other.nbytes
+    assert blocks.blocks == 1 and len(blocks._kept) == 1
 
 
 def test_shared_blocks_pickle_empty_and_size_blocks_for_the_largest_batch() -> None:

@@ -200,7 +200,11 @@ class SharedBlocks:
                 self._kept, self.blocks = [], 0
             return None
         capacity = -(-max(nbytes, self.block_bytes) // _HEADER_BYTES) * _HEADER_BYTES
-        memory = torch_internals.new_shared_tensor((capacity + _HEADER_BYTES,), torch.uint8)
+        try:
+            memory = torch_internals.new_shared_tensor((capacity + _HEADER_BYTES,), torch.uint8)
+        except RuntimeError:  # /dev/shm is full: keep what is kept, take fresh segments beyond it
+            self.blocks = len(self._kept)
+            return None
         if not memory.is_shared():  # type: ignore[no-untyped-call]
             return None
         block = _SharedBlock(memory.untyped_storage(), capacity)
@@ -213,7 +217,7 @@ class ArrivedBlocks:
     """The main process's side of `SharedBlocks`: give a block back once its batch was read, and
     keep the last ``keep`` blocks mapped so that the next batch in them maps nothing new."""
 
-    def __init__(self, keep: int = 16) -> None:
+    def __init__(self, keep: int = 8) -> None:
         self.keep = keep
         self._mapped: list[torch.UntypedStorage] = []
 
