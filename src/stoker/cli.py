@@ -247,6 +247,12 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
         "--reg-data-dir", default=None, help="regularisation folders, for a train_data_dir source"
     )
     parser.add_argument("--image-dir", default=None, help="images of a metadata source")
+    parser.add_argument(
+        "--links-outside",
+        action="store_true",
+        help="follow symlinks and metadata keys that lead out of the dataset folders (a symlink "
+        "farm); by default they are skipped and reported as outside_root",
+    )
     options = parser.add_argument_group(
         "dataset options",
         "sd-scripts' dataset settings for sources that do not set them (a config's own values "

@@ -80,6 +80,7 @@ def load_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
             resolution=args.resolution,
             reg_data_dir=args.reg_data_dir,
             image_dir=args.image_dir,
+            links_outside=args.links_outside,
             **settings_from_args(args),
             **kwargs,
         )

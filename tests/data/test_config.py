@@ -942,3 +942,18 @@ def test_bucket_and_resolution_errors_name_file_and_table(
     text = f"[[datasets]]\n{dataset_lines}\n[[datasets.subsets]]\nimage_dir = 'img'\n"
     with pytest.raises(ConfigError, match=message):
         parse(tmp_path, text)
+
+
+def test_caption_keys_are_declared_once_in_caption_rules(tmp_path) -> None:
+    # SubsetConfig extends CaptionRules: no caption key is declared (or defaulted) twice.
+    from stoker.data.captions import CaptionRules
+
+    caption_keys = {f.name for f in dataclasses.fields(CaptionRules)}
+    assert issubclass(SubsetConfig, CaptionRules)
+    assert not caption_keys & set(SubsetConfig.__annotations__)
+    assert caption_keys <= {f.name for f in dataclasses.fields(SubsetConfig)}
+    subset = SubsetConfig(image_dir=tmp_path, keep_tokens=2, caption_prefix="sks", flip_aug=True)
+    assert subset.caption_rules() == CaptionRules(keep_tokens=2, caption_prefix="sks")
+    assert type(subset.caption_rules()) is CaptionRules
+    with pytest.raises(ConfigError, match=r"^where: caption_separator"):
+        SubsetConfig(image_dir=tmp_path, caption_separator="", where="where")

@@ -39,6 +39,9 @@ _JOINER = ", "
 class CaptionRules:
     """Caption settings of one subset, named exactly as sd-scripts' subset keys.
 
+    These fields are declared here only: ``stoker.data.config.SubsetConfig`` extends this class,
+    and its ``caption_rules()`` returns the caption fields alone as a ``CaptionRules``.
+
     Attributes:
         shuffle_caption: shuffle the tags that are not kept fixed.
         caption_separator: what separates tags in the caption file.
@@ -74,7 +77,7 @@ class CaptionRules:
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
     token_warmup_min: int = 1
-    token_warmup_step: float = 0
+    token_warmup_step: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("shuffle_caption", "enable_wildcard"):

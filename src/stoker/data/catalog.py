@@ -13,14 +13,15 @@ skipped, never followed (see ``stoker.data.inputs``).
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -142,8 +143,8 @@ class Catalog:
             blob, offsets = table.__getstate__()
             digest.update(blob)
             digest.update(np.asarray(offsets, "<i8").tobytes())
-        for array in (self.widths, self.heights, self.subset):
-            digest.update(np.asarray(array, "<i8").tobytes())
+        for column in (self.widths, self.heights, self.subset):
+            digest.update(np.asarray(column, "<i8").tobytes())
         return digest.hexdigest()
 
     def select(self, keep: np.ndarray) -> Catalog:
@@ -164,13 +165,18 @@ class Catalog:
 
 @dataclass
 class _Rows:
-    """Scan results collected row by row before packing into a Catalog."""
+    """Scan results collected row by row before packing into a Catalog.
+
+    Sizes and subset indices go into typed arrays (8 bytes a number, no tuple per row); a width
+    of 0 marks a size still to be read from the header.
+    """
 
     paths: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     conditioning: list[str] = field(default_factory=list)
-    sizes: list[tuple[int, int]] = field(default_factory=list)
-    subset: list[int] = field(default_factory=list)
+    widths: array.array[int] = field(default_factory=lambda: array.array("q"))
+    heights: array.array[int] = field(default_factory=lambda: array.array("q"))
+    subset: array.array[int] = field(default_factory=lambda: array.array("i"))
 
 
 def scan_dataset(
@@ -178,6 +184,7 @@ def scan_dataset(
     *,
     threads: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    links_outside: bool = False,
 ) -> tuple[Catalog, list[Problem]]:
     """Scan every subset of ``datasets``: files, captions, header sizes.
 
@@ -185,6 +192,8 @@ def scan_dataset(
         datasets: the dataset configs, as parsed.
         threads: parallel header reads (the CPU budget is a good value).
         progress: called as ``progress(done, total)`` while reading sizes.
+        links_outside: follow symlinks and metadata keys that lead out of their folder (a
+            symlink farm) instead of reporting them as ``outside_root``.
 
     Returns:
         The catalog of usable images and the problems found (files skipped, captions replaced).
@@ -195,22 +204,26 @@ def scan_dataset(
     rows, problems = _Rows(), list[Problem]()
     subsets: list[SubsetConfig] = []
     owners: list[int] = []
-    pending: list[tuple[int, str]] = []  # (row, path) whose size must be read
     for d, dataset in enumerate(datasets):
         for subset in dataset.subsets:
             index = len(subsets)
             subsets.append(subset)
             owners.append(d)
-            _scan_subset(subset, index, rows, problems, pending)
-    sizes = _read_sizes(rows, pending, subsets, threads, progress, problems)
+            _scan_subset(subset, index, rows, problems, links_outside)
+    sizes = _read_sizes(rows, subsets, threads, progress, problems)
     keep = np.flatnonzero(sizes[:, 0] > 0)
+    everything = len(keep) == len(rows.paths)
+
+    def table(strings: list[str]) -> StringTable:
+        return StringTable.from_strings(strings if everything else [strings[i] for i in keep])
+
     catalog = Catalog(
-        paths=StringTable.from_strings(rows.paths[i] for i in keep),
-        captions=StringTable.from_strings(rows.captions[i] for i in keep),
-        conditioning=StringTable.from_strings(rows.conditioning[i] for i in keep),
+        paths=table(rows.paths),
+        captions=table(rows.captions),
+        conditioning=table(rows.conditioning),
         widths=sizes[keep, 0].astype(np.int32),
         heights=sizes[keep, 1].astype(np.int32),
-        subset=np.asarray(rows.subset, dtype=np.int32)[keep],
+        subset=np.frombuffer(rows.subset, dtype=np.int32)[keep],
         subsets=tuple(subsets),
         dataset_of_subset=tuple(owners),
     )
@@ -222,17 +235,25 @@ def _scan_subset(
     index: int,
     rows: _Rows,
     problems: list[Problem],
-    pending: list[tuple[int, str]],
+    links_outside: bool,
 ) -> None:
+    entries: Iterable[tuple[str, str | None, tuple[int, int] | None]]
     if subset.metadata_file is not None:
-        entries = _metadata_entries(subset, index, problems)
+        metadata = load_metadata(subset.metadata_file)
+        entries = _metadata_entries(subset, index, problems, metadata, links_outside)
+        if subset.conditioning_data_dir is not None:
+            entries = list(entries)  # its problems first, as ever, then the conditioning ones
     else:
-        entries = [(p, None, None) for p in _list_images(subset, index, problems)]
+        entries = [(p, None, None) for p in _list_images(subset, index, problems, links_outside)]
     cond_dir = _checked_dir(subset.conditioning_data_dir, subset, "conditioning_data_dir")
-    cond_index = _index_by_stem(cond_dir, subset, index, problems) if cond_dir is not None else {}
+    cond_index = (
+        _index_by_stem(cond_dir, subset, index, problems, links_outside)
+        if cond_dir is not None
+        else {}
+    )
     for path, caption, size in entries:
         if caption is None:
-            caption = _read_caption(Path(path), subset, index, problems)
+            caption = _read_caption(Path(path), subset, index, problems, links_outside)
         conditioning = ""
         if cond_dir is not None:
             stem = os.path.splitext(os.path.basename(path))[0]
@@ -248,14 +269,12 @@ def _scan_subset(
                 )
                 continue
             conditioning = str(match)
-        row = len(rows.paths)
         rows.paths.append(path)
         rows.captions.append(caption)
         rows.conditioning.append(conditioning)
         rows.subset.append(index)
-        rows.sizes.append(size if size is not None else (0, 0))
-        if size is None:
-            pending.append((row, path))
+        rows.widths.append(size[0] if size is not None else 0)
+        rows.heights.append(size[1] if size is not None else 0)
 
 
 def _checked_dir(folder: Path | None, subset: SubsetConfig, key: str) -> Path | None:
@@ -269,20 +288,22 @@ def _checked_dir(folder: Path | None, subset: SubsetConfig, key: str) -> Path | 
     return folder
 
 
-def _list_images(subset: SubsetConfig, index: int, problems: list[Problem]) -> list[str]:
+def _list_images(
+    subset: SubsetConfig, index: int, problems: list[Problem], links_outside: bool
+) -> list[str]:
     folder = _checked_dir(subset.image_dir, subset, "image_dir")
     if folder is None:
         raise DatasetError(f"{subset.where}: a subset needs image_dir or metadata_file")
-    found = _image_files(folder, subset, index, problems)
+    found = _image_files(folder, subset, index, problems, links_outside)
     return [str(folder / name) for name in sorted(found)]
 
 
 def _image_files(
-    folder: Path, subset: SubsetConfig, index: int, problems: list[Problem]
+    folder: Path, subset: SubsetConfig, index: int, problems: list[Problem], links_outside: bool
 ) -> list[str]:
     """Names of the usable image files in ``folder``; symlinks out of it and non-files reported."""
     extensions = image_extensions()
-    root = os.path.realpath(folder)
+    root = None if links_outside else os.path.realpath(folder)
     try:
         with os.scandir(folder) as it:
             entries = [e for e in it if _has_ext(e.name, extensions)]
@@ -304,7 +325,7 @@ def _image_files(
 
 
 def _entry_problem(
-    entry: os.DirEntry[str], root: str
+    entry: os.DirEntry[str], root: str | None
 ) -> tuple[ProblemKind, str] | Literal["file", "folder"]:
     """``"file"`` when usable, ``"folder"`` (silently not an image), else the problem."""
     try:
@@ -321,19 +342,23 @@ def _entry_problem(
         return "missing_image", f"cannot be read: {os_reason(err)}"
 
 
-def symlink_problem(path: str, root: str) -> tuple[ProblemKind, str] | None:
-    """Why the symlink at ``path`` must not be followed (dangling, a loop, out of ``root``), or None."""
+def symlink_problem(path: str, root: str | None) -> tuple[ProblemKind, str] | None:
+    """Why the symlink at ``path`` must not be followed (dangling, a loop, out of ``root``), or None.
+
+    ``root`` None: the user let links lead anywhere (``links_outside``).
+    """
     try:
         os.stat(path)
     except OSError as err:
         if err.errno == 2:
             return "missing_image", "dangling symlink: its target does not exist"
         return "missing_image", f"symlink cannot be followed: {os_reason(err)}"
-    if not inside(path, root):
+    if root is not None and not inside(path, root):
         return (
             "outside_root",
             f"symlink leads outside the dataset folder {root} (to {os.path.realpath(path)}); "
-            "copy the file in, or point image_dir at the folder that holds it",
+            "copy the file in, point image_dir at the folder that holds it, or opt in to "
+            "following such links (load_dataset links_outside=True, --links-outside)",
         )
     return None
 
@@ -343,15 +368,17 @@ def _has_ext(name: str, extensions: tuple[str, ...]) -> bool:
 
 
 def _index_by_stem(
-    folder: Path, subset: SubsetConfig, index: int, problems: list[Problem]
+    folder: Path, subset: SubsetConfig, index: int, problems: list[Problem], links_outside: bool
 ) -> dict[str, Path]:
     found: dict[str, Path] = {}
-    for name in sorted(_image_files(folder, subset, index, problems)):
+    for name in sorted(_image_files(folder, subset, index, problems, links_outside)):
         found.setdefault(os.path.splitext(name)[0], folder / name)
     return found
 
 
-def _read_caption(image: Path, subset: SubsetConfig, index: int, problems: list[Problem]) -> str:
+def _read_caption(
+    image: Path, subset: SubsetConfig, index: int, problems: list[Problem], links_outside: bool
+) -> str:
     """The caption file's text, or the class tokens when it is missing, empty or unusable."""
     fallback = subset.class_tokens or ""
     file = image.with_name(image.stem + subset.caption_extension)
@@ -364,7 +391,7 @@ def _read_caption(image: Path, subset: SubsetConfig, index: int, problems: list[
         return fallback
 
     try:
-        if os.path.islink(file):
+        if os.path.islink(file) and not links_outside:
             link = symlink_problem(str(file), os.path.realpath(image.parent))
             if link is not None and link[0] == "outside_root":
                 return problem(f"caption {link[1]}", "outside_root")
@@ -397,21 +424,34 @@ def _read_caption(image: Path, subset: SubsetConfig, index: int, problems: list[
 
 
 def _metadata_entries(
-    subset: SubsetConfig, index: int, problems: list[Problem]
-) -> list[tuple[str, str | None, tuple[int, int] | None]]:
+    subset: SubsetConfig,
+    index: int,
+    problems: list[Problem],
+    metadata: dict[str, dict[str, Any]],
+    links_outside: bool,
+) -> Iterator[tuple[str, str | None, tuple[int, int] | None]]:
+    """``(path, caption, size or None)`` per metadata entry whose image is found, in file order.
+
+    Each entry is taken out of the parsed metadata as it is used, so a million parsed entries
+    and a million rows are never all held at once.
+    """
     assert subset.metadata_file is not None
-    metadata = load_metadata(subset.metadata_file)
-    finder = _KeyFinder(subset.image_dir if subset.image_dir is not None else Path.cwd())
-    entries = []
-    for key, info in metadata.items():
-        path, why = finder.find(key)
+    base = subset.image_dir if subset.image_dir is not None else Path.cwd()
+    finder = _KeyFinder(base, links_outside)
+    plain = finder.plain_names()
+    fallback = subset.class_tokens or ""
+    for key in list(metadata):
+        info = metadata.pop(key)
+        path = plain(key)
         if path is None:
-            kind, reason = why or (
-                "missing_image",
-                f"listed in {subset.metadata_file.name} but no image file was found",
-            )
-            problems.append(Problem(path=key, reason=reason, kind=kind, subset=index))
-            continue
+            path, why = finder.find(key)
+            if path is None:
+                kind, reason = why or (
+                    "missing_image",
+                    f"listed in {subset.metadata_file.name} but no image file was found",
+                )
+                problems.append(Problem(path=key, reason=reason, kind=kind, subset=index))
+                continue
         caption, tags = info.get("caption"), info.get("tags")
         if caption is None:
             caption = tags
@@ -421,10 +461,7 @@ def _metadata_entries(
         size_wh = (
             (int(size[0]), int(size[1])) if isinstance(size, list) and len(size) == 2 else None
         )
-        entries.append(
-            (path, caption if caption is not None else subset.class_tokens or "", size_wh)
-        )
-    return entries
+        yield path, caption if caption is not None else fallback, size_wh
 
 
 class _KeyFinder:
@@ -432,12 +469,14 @@ class _KeyFinder:
 
     A key is a path relative to the base (``image_dir``), with or without its extension, or an
     absolute path (the user's explicit choice). A relative key that climbs out of the base
-    (``../x``), a key with a NUL byte, or a symlink leading out of the base is refused.
+    (``../x``), a key with a NUL byte, or a symlink leading out of the base is refused, unless
+    ``links_outside`` (then only the NUL byte is).
     """
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, links_outside: bool = False) -> None:
         self.base = os.path.abspath(base)
         self.root = os.path.realpath(base)
+        self.links_outside = links_outside
         self.extensions = image_extensions()
         # A key without extension matches <key><ext> in this order, as sd-scripts tries them.
         variants = [v for ext in self.extensions for v in (ext, ext.upper())]
@@ -450,12 +489,32 @@ class _KeyFinder:
             listing = _Listing()
             try:
                 with os.scandir(folder) as it:
-                    for entry in it:
-                        listing.add(entry.name, entry.is_symlink(), self._rank)
+                    listing.add_all(it, self._rank)
             except OSError:
                 pass  # a missing or unreadable folder holds no images: each key is reported
             self._folders[folder] = listing
         return listing
+
+    def plain_names(self) -> Callable[[str], str | None]:
+        """A quick `find` for the common key: a plain name in the base folder that is no symlink.
+
+        The function returns the path, or None when the key needs `find` (another folder, a
+        symlink, a missing file, a NUL byte), which then gives the same answer or the reason.
+        """
+        listing = self._listing(self.base)
+        symlinks, by_stem = listing.symlinks, listing.by_stem
+        prefix = os.path.join(self.base, "")
+        nothing = (None, 0)
+
+        def plain(key: str) -> str | None:
+            if "/" in key or "\0" in key or key in (".", ".."):
+                return None
+            found = key if key in symlinks else by_stem.get(key, nothing)[0]
+            if found is None or symlinks[found]:
+                return None
+            return prefix + found
+
+        return plain
 
     def find(self, key: str) -> tuple[str | None, tuple[ProblemKind, str] | None]:
         if "\0" in key:
@@ -465,7 +524,7 @@ class _KeyFinder:
             folder, name = self.base, key  # the common case: a plain name in image_dir
         else:
             joined = os.path.normpath(key if absolute else os.path.join(self.base, key))
-            if not absolute and not lexically_inside(joined, self.base):
+            if not (absolute or self.links_outside or lexically_inside(joined, self.base)):
                 return None, (
                     "outside_root",
                     f"image key leads outside image_dir {self.base}; keys are relative to image_dir",
@@ -478,7 +537,8 @@ class _KeyFinder:
             return None, None
         path = os.path.join(folder, found)
         if listing.symlinks[found]:
-            problem = symlink_problem(path, folder if absolute else self.root)
+            root = None if self.links_outside else folder if absolute else self.root
+            problem = symlink_problem(path, root)
             if problem is not None:
                 return None, problem
         return path, None
@@ -493,15 +553,20 @@ class _Listing:
         self.symlinks: dict[str, bool] = {}
         self.by_stem: dict[str, tuple[str, int]] = {}
 
-    def add(self, name: str, is_symlink: bool, rank: dict[str, int]) -> None:
-        stem, ext = os.path.splitext(name)
-        if ext.lower() not in rank:
-            return
-        self.symlinks[name] = is_symlink
-        order = rank.get(ext, len(rank))  # .Jpg matches a key with its extension only
-        best = self.by_stem.get(stem)
-        if order < len(rank) and (best is None or order < best[1]):
-            self.by_stem[stem] = (name, order)
+    def add_all(self, entries: Iterable[os.DirEntry[str]], rank: dict[str, int]) -> None:
+        """Take in a folder's entries (one pass, no stat: ``is_symlink`` comes from the listing)."""
+        symlinks, by_stem, known = self.symlinks, self.by_stem, len(rank)
+        for entry in entries:
+            name = entry.name
+            dot = name.rfind(".")
+            if dot <= 0 or name[dot:].lower() not in rank or not name[:dot].lstrip("."):
+                continue  # no extension (as os.path.splitext sees it) or not an image's
+            stem, ext = name[:dot], name[dot:]
+            symlinks[name] = entry.is_symlink()
+            order = rank.get(ext, known)  # .Jpg matches a key with its extension only
+            best = by_stem.get(stem)
+            if order < known and (best is None or order < best[1]):
+                by_stem[stem] = (name, order)
 
 
 # --- sizes, in parallel, with the scan cache -------------------------------------------------
@@ -509,32 +574,44 @@ class _Listing:
 
 def _read_sizes(
     rows: _Rows,
-    pending: list[tuple[int, str]],
     subsets: list[SubsetConfig],
     threads: int,
     progress: Callable[[int, int], None] | None,
     problems: list[Problem],
 ) -> np.ndarray:
-    sizes = np.asarray(rows.sizes, dtype=np.int64).reshape(-1, 2)
+    """Every row's ``(width, height)`` as an ``(n, 2)`` array: given, cached, or read; 0 = unusable."""
+    sizes = np.empty((len(rows.paths), 2), dtype=np.int64)
+    sizes[:, 0] = np.frombuffer(rows.widths, dtype=np.int64)
+    sizes[:, 1] = np.frombuffer(rows.heights, dtype=np.int64)
+    cached_subsets = {i for i, subset in enumerate(subsets) if subset.cache_info}
     caches = _ScanCaches()
-    todo: list[tuple[int, str, os.stat_result | None]] = []
-    for row, path in pending:
+    todo = np.flatnonzero(sizes[:, 0] == 0)
+    stats: dict[int, os.stat_result] = {}
+    if cached_subsets:
         # Only a cached subset needs the stat (a million stat results would cost 200 MB).
-        stat = _stat(path) if subsets[rows.subset[row]].cache_info else None
-        hit = caches.get(path, stat) if stat is not None else None
-        if hit is not None:
-            sizes[row] = hit
-        else:
-            todo.append((row, path, stat))
-    results = _parallel_sizes([p for _, p, _ in todo], threads, progress)
-    for (row, path, stat), result in zip(todo, results, strict=True):
-        if isinstance(result, str):
-            problems.append(Problem(path=path, reason=result, subset=rows.subset[row]))
-            sizes[row] = (0, 0)
-            continue
-        sizes[row] = result
-        if subsets[rows.subset[row]].cache_info and stat is not None:
-            caches.put(path, stat, result)
+        misses = []
+        for row in todo.tolist():
+            if rows.subset[row] not in cached_subsets:
+                misses.append(row)
+                continue
+            path = rows.paths[row]
+            stat = _stat(path)
+            hit = caches.get(path, stat) if stat is not None else None
+            if hit is not None:
+                sizes[row] = hit
+                continue
+            misses.append(row)
+            if stat is not None:
+                stats[row] = stat
+        todo = np.asarray(misses, dtype=np.int64)
+    found, failed = _parallel_sizes([rows.paths[row] for row in todo.tolist()], threads, progress)
+    sizes[todo] = found
+    for i, reason in failed:
+        row = int(todo[i])
+        problems.append(Problem(path=rows.paths[row], reason=reason, subset=rows.subset[row]))
+    for row, stat in stats.items():
+        if sizes[row, 0] > 0:
+            caches.put(rows.paths[row], stat, (int(sizes[row, 0]), int(sizes[row, 1])))
     caches.save()
     return sizes
 
@@ -546,36 +623,46 @@ def _stat(path: str) -> os.stat_result | None:
         return None
 
 
-def _size_or_reason(path: str) -> tuple[int, int] | str:
-    try:
-        return read_image_size(path)
-    except ImageProblem as err:
-        return err.reason
+_CHUNK = 512  # paths per task: few enough futures, and progress still moves
+
+
+def _sizes_of(paths: list[str]) -> tuple[list[int], list[tuple[int, str]]]:
+    """Header sizes of ``paths``, flat ``[w0, h0, w1, h1, ...]`` (0, 0 when unusable) and the reasons."""
+    flat: list[int] = []
+    failed: list[tuple[int, str]] = []
+    for i, path in enumerate(paths):
+        try:
+            flat += read_image_size(path)
+        except ImageProblem as err:
+            flat += (0, 0)
+            failed.append((i, err.reason))
+    return flat, failed
 
 
 def _parallel_sizes(
     paths: list[str], threads: int, progress: Callable[[int, int], None] | None
-) -> list[tuple[int, int] | str]:
-    """Header sizes for ``paths``; threads overlap the file reads (parsing holds the GIL briefly)."""
+) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Header sizes for ``paths`` as an ``(n, 2)`` array (0 where unusable) and ``(index, reason)``.
+
+    Paths go to ``threads`` threads in chunks of `_CHUNK` (one future per chunk, not per file:
+    a million futures cost a gigabyte). Threads overlap the file reads; the header parsing holds
+    the GIL, briefly (see `stoker.data.headers`).
+    """
     total = len(paths)
+    sizes = np.zeros((total, 2), dtype=np.int64)
+    failed: list[tuple[int, str]] = []
     if total == 0:
-        return []
-    if threads <= 1 or total < 64:
-        results = []
-        for i, path in enumerate(paths):
-            results.append(_size_or_reason(path))
-            if progress is not None and (i + 1) % 256 == 0:
-                progress(i + 1, total)
-    else:
-        results = []
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            for i, result in enumerate(pool.map(_size_or_reason, paths, chunksize=64)):
-                results.append(result)
-                if progress is not None and (i + 1) % 256 == 0:
-                    progress(i + 1, total)
-    if progress is not None:
-        progress(total, total)
-    return results
+        return sizes, failed
+    chunks = [paths[start : start + _CHUNK] for start in range(0, total, _CHUNK)]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(chunks)))) as pool:
+        results = pool.map(_sizes_of, chunks) if threads > 1 else map(_sizes_of, chunks)
+        for n, (flat, bad) in enumerate(results):
+            start = n * _CHUNK
+            sizes[start : start + len(flat) // 2] = np.asarray(flat, dtype=np.int64).reshape(-1, 2)
+            failed += [(start + i, reason) for i, reason in bad]
+            if progress is not None:
+                progress(min(total, start + _CHUNK), total)
+    return sizes, failed
 
 
 def _stat_key(stat: os.stat_result) -> list[int]:

@@ -233,7 +233,7 @@ class _FrozenDict(Mapping[str, Any]):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SubsetConfig:
+class SubsetConfig(CaptionRules):
     """One image folder or metadata file and how its samples are captioned and augmented.
 
     Fields other than ``kind`` and ``where`` are named, defaulted and checked as sd-scripts' subset keys.
@@ -254,19 +254,12 @@ class SubsetConfig:
         class_tokens: Caption for images without a caption file (DreamBooth only).
         caption_extension: Caption file extension; a missing leading dot is added, as sd-scripts does.
         cache_info: Cache image sizes and captions in ``metadata_cache.json`` in ``image_dir``.
-        shuffle_caption: Shuffle the ``caption_separator``-separated tags.
-        caption_separator: Tag separator.
-        keep_tokens: Leading tags that are never shuffled or dropped.
-        keep_tokens_separator: If set, the caption part before it is kept fixed instead.
-        secondary_separator: Joins tags that shuffle and drop as one; replaced by ``caption_separator``.
-        enable_wildcard: ``{a|b}`` picks one option, and a multi-line caption picks one line.
-        caption_prefix: Text put before every caption.
-        caption_suffix: Text put after every caption.
-        caption_dropout_rate: Probability of an empty caption.
-        caption_dropout_every_n_epochs: Every n-th epoch trains with empty captions (0: never).
-        caption_tag_dropout_rate: Probability of dropping each tag that is not kept.
-        token_warmup_min: Tags used at step 0 when token warm-up is on.
-        token_warmup_step: Step at which all tags are used (below 1: a fraction of all steps).
+        shuffle_caption, caption_separator, keep_tokens, keep_tokens_separator,
+        secondary_separator, enable_wildcard, caption_prefix, caption_suffix,
+        caption_dropout_rate, caption_dropout_every_n_epochs, caption_tag_dropout_rate,
+        token_warmup_min, token_warmup_step: the caption keys, declared once in
+            `stoker.data.captions.CaptionRules` (this class extends it); `caption_rules` returns
+            them alone.
         flip_aug: Random horizontal flips.
         color_aug: Weak random hue and gamma changes.
         random_crop: Crop at a random position instead of the center.
@@ -287,19 +280,6 @@ class SubsetConfig:
     class_tokens: str | None = None
     caption_extension: str = ".caption"
     cache_info: bool = False
-    shuffle_caption: bool = False
-    caption_separator: str = ","
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    secondary_separator: str | None = None
-    enable_wildcard: bool = False
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0.0
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
@@ -593,9 +573,9 @@ def load_metadata(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     data = _decode_json(text, str(path), DatasetError)
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: metadata must be a JSON object of image key -> entry")
-    return {
-        str(key): _check_metadata_entry(entry, str(path), str(key)) for key, entry in data.items()
-    }
+    for key, entry in data.items():  # JSON object keys are already str; checked in place
+        _check_metadata_entry(entry, str(path), key)
+    return data
 
 
 # --- reading files -------------------------------------------------------------------------------

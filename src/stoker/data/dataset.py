@@ -812,6 +812,7 @@ def load_dataset(
     latent_cache: str | os.PathLike[str] | Literal[False] | None = None,
     text_cache: str | os.PathLike[str] | Literal[False] | None = None,
     vae: Any = None,
+    links_outside: bool = False,
     **overrides: Any,
 ) -> StokerDataset:
     """Load an sd-scripts dataset as it is.
@@ -842,6 +843,9 @@ def load_dataset(
             also carry the text encoders' outputs for each caption. Also a config key; ``False``
             ignores it.
         vae: encode stale and missing latents with this VAE (object or folder) instead of raising.
+        links_outside: follow symlinks (images, captions) and metadata keys that lead out of
+            their dataset folder, as in a symlink farm. By default they are skipped and reported
+            as ``outside_root``, so a shared dataset folder cannot make a run read elsewhere.
         **overrides: dataset and subset keys (sd-scripts' command-line options), below the config.
 
     Raises:
@@ -868,7 +872,10 @@ def load_dataset(
 
         threads = cpu_budget().cpus
     catalog, problems = scan_dataset(
-        group.datasets, threads=threads, progress=progress or stderr_progress("stoker: scanning")
+        group.datasets,
+        threads=threads,
+        progress=progress or stderr_progress("stoker: scanning"),
+        links_outside=links_outside,
     )
     catalog = _split(catalog, group.datasets, validation=validation, seed=seed)
     dataset = _build(
