@@ -427,6 +427,21 @@ class FloatThroughTheQueue(stoker.StokerDataset):
         return self
 
 
+class FreshMemory(stoker.StokerDataset):
+    """As after issue #11's first session: uint8 through the queue, but every batch in fresh
+    memory (new shared segments, a new float batch in the main process) and each small tensor in
+    its own shared segment."""
+
+    def for_workers(self) -> stoker.StokerDataset:
+        from stoker.data.buffers import BatchBuffers, SharedBlocks
+
+        twin = super().for_workers()
+        twin.small_in_transit = False
+        twin.shared_blocks = SharedBlocks(blocks=0)
+        twin.buffers = BatchBuffers(blocks=0)
+        return twin
+
+
 def section_scaling(
     config: Path, *, budget: int, batches: int, repeats: int
 ) -> tuple[BenchReport, dict[str, Any]]:
@@ -441,16 +456,20 @@ def section_scaling(
     before.__dict__.update(ds.__dict__)
     settings = [(w, "stoker", ds) for w in sorted({0, 1, 2, budget})]
     settings.append((2, "as before #11 (float through the queue)", before))
+    fresh = object.__new__(FreshMemory)
+    fresh.__dict__.update(ds.__dict__)
+    settings.append((2, "uint8 queue, fresh memory (#11 session 1)", fresh))
     runs: dict[str, list[float]] = {}
     kept: dict[str, list[Any]] = {}
     for _ in range(repeats):
         for workers, label, dataset in settings:
             m = measure_loader(dataset, workers=workers, batches=batches, start_method="fork")
             if label != "stoker":
-                m = dataclasses.replace(m, start_method="fork, as before #11")
+                m = dataclasses.replace(m, start_method=f"fork, {label.split(' (')[0]}")
             runs.setdefault(f"{workers} workers, {label}", []).append(m.images_per_second)
             kept.setdefault(f"{workers} workers, {label}", []).append(m)
     rates = {name: statistics.median(values) for name, values in runs.items()}
+    cpu = _cpu_per_image(settings, repeats=repeats)
     single = rates["0 workers, stoker"]
     medians = [
         sorted(ms, key=lambda m: m.images_per_second)[(len(ms) - 1) // 2] for ms in kept.values()
@@ -467,8 +486,58 @@ def section_scaling(
         "x_one_process_times_workers": {
             name: rate / (single * max(1, int(name.split()[0]))) for name, rate in rates.items()
         },
+        "cpu_ms_per_image": cpu,
+        "cpu_efficiency": {
+            name: cpu["0 workers, stoker"] / ms
+            for name, ms in cpu.items()
+            if not name.startswith("0 ")
+        },
         "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
     }
+
+
+def _cpu_per_image(
+    settings: list[tuple[int, str, Any]], *, repeats: int, epochs: int = 2
+) -> dict[str, float]:
+    """CPU ms per image of whole epochs, main process and workers together (medians, rounds
+    interleaved): what the loader costs on top of the images, robust to other jobs' load.
+
+    Persistent workers, as in training; they are stopped (and so counted) after ``epochs``
+    whole epochs, which spread their start over the images; whole epochs, so no batch is made
+    and left unconsumed.
+    """
+    import gc
+    import resource
+
+    def used() -> float:
+        total = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            usage = resource.getrusage(who)
+            total += usage.ru_utime + usage.ru_stime
+        return total
+
+    runs: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for workers, label, dataset in settings:
+            if workers not in (0, 2):
+                continue
+            start = used()
+            loader = stoker.make_loader(
+                dataset,
+                workers=workers,
+                seed=0,
+                shuffle=True,
+                monitor=False,
+                persistent=workers > 0,
+                start_method="fork" if workers else None,
+            )
+            images = sum(len(batch["images"]) for _ in range(epochs) for batch in loader)
+            del loader  # stops and reaps persistent workers: their CPU time is counted
+            gc.collect()
+            runs.setdefault(f"{workers} workers, {label}", []).append(
+                1e3 * (used() - start) / images
+            )
+    return {name: statistics.median(values) for name, values in runs.items()}
 
 
 def _print_scaling(r: dict[str, Any]) -> None:
@@ -476,6 +545,11 @@ def _print_scaling(r: dict[str, Any]) -> None:
     for name, rate in r["images_per_second"].items():
         ratio = r["x_one_process_times_workers"][name]
         _say(f"  {name:<52} {rate:7.1f} images/s   x{ratio:.2f} of one process x workers")
+    _say("  CPU ms per image, whole epochs, main process + workers (the loader's own cost):")
+    for name, ms in r["cpu_ms_per_image"].items():
+        efficiency = r["cpu_efficiency"].get(name)
+        tail = f"   0 workers / this: x{efficiency:.2f}" if efficiency is not None else ""
+        _say(f"    {name:<50} {ms:7.1f}{tail}")
     _say(f"  load average after: {' '.join(r['loadavg_after'])}")
 
 

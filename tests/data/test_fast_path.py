@@ -6,6 +6,7 @@ decoder to ``None``, which is exactly what a missing simplejpeg leaves.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -289,18 +290,59 @@ def test_workers_send_uint8_and_the_loop_receives_the_same_floats(tmp_path: Path
         (folder / f"{i}.txt").write_text("a photo\n", encoding="utf-8")
     ds = stoker.load_dataset(tmp_path, resolution=256, progress=lambda done, total: None)
 
-    def batches(workers: int) -> tuple[Any, list[torch.Tensor]]:
-        loader = stoker.make_loader(ds, seed=3, shuffle=True, workers=workers, budget=2)
-        return loader, [batch["images"] for batch in loader]
+    def batches(workers: int, dataset: Any = ds) -> tuple[Any, list[dict[str, Any]]]:
+        loader = stoker.make_loader(dataset, seed=3, shuffle=True, workers=workers, budget=2)
+        return loader, list(loader)
 
     in_process, expected = batches(0)
     with_workers, got = batches(2)
-    assert not in_process.dataset.uint8_in_transit
+    assert not in_process.dataset.uint8_in_transit and not in_process.dataset.small_in_transit
     assert with_workers.dataset.uint8_in_transit and with_workers.dataset.output == "float"
-    assert all(t.dtype == torch.float32 for t in got)
-    assert len(got) == len(expected) and all(map(torch.equal, got, expected))
+    assert with_workers.dataset.small_in_transit
+    assert all(b["images"].dtype == torch.float32 for b in got)
+    assert len(got) == len(expected)
+    for mine, theirs in zip(got, expected, strict=True):
+        assert list(mine) == list(theirs)  # the same keys in the same order
+        for key, value in theirs.items():
+            if isinstance(value, torch.Tensor):  # every tensor: dtype, shape and values
+                assert isinstance(mine[key], torch.Tensor) and mine[key].dtype == value.dtype
+                assert torch.equal(mine[key], value), key
+            else:
+                assert mine[key] == value, key
     small = stoker.load_dataset(tmp_path, resolution=256, output="uint8", progress=None)
-    assert small.for_workers() is small  # already uint8: nothing to convert on arrival
+    twin = small.for_workers()
+    assert not twin.uint8_in_transit and twin.small_in_transit  # images already uint8
+    _, uint8_in_process = batches(0, small)
+    _, uint8_with_workers = batches(2, small)
+    for mine, theirs in zip(uint8_with_workers, uint8_in_process, strict=True):
+        assert torch.equal(mine["images"], theirs["images"]) and mine["images"].dtype == torch.uint8
+        assert torch.equal(mine["crop_top_lefts"], theirs["crop_top_lefts"])
+
+
+def test_small_tensors_travel_inside_the_pickle(tmp_path: Path) -> None:
+    folder = tmp_path / "1_set"
+    folder.mkdir()
+    Image.fromarray(photo_like(320, 240)).save(folder / "a.jpg", quality=90)
+    (folder / "a.txt").write_text("a photo\n", encoding="utf-8")
+    ds = stoker.load_dataset(tmp_path, resolution=256, progress=None)
+    key = (0, 0, 0, 0)
+    sent = ds.for_workers().__getitems__([key])
+    small = [k for k, v in sent.items() if isinstance(v, dataset_module._Inline)]
+    assert set(small) == {
+        "loss_weights",
+        "original_sizes_hw",
+        "crop_top_lefts",
+        "target_sizes_hw",
+        "network_multipliers",
+    }
+    assert isinstance(sent["images"], torch.Tensor) and sent["images"].dtype == torch.uint8
+    arrived = ds.for_workers().arrive(pickle.loads(pickle.dumps(sent)))
+    expected = ds[0]
+    for name in small:
+        assert arrived[name].dtype == expected[name].dtype
+        assert torch.equal(arrived[name], expected[name])
+    assert torch.equal(arrived["images"], expected["images"])
+    assert ds.arrive(expected) is expected  # the main process's own batches pass unchanged
 
 
 class _PlanesInWorker(torch.utils.data.Dataset):  # type: ignore[type-arg]

@@ -23,6 +23,7 @@ import torch
 
 from stoker import torch_internals
 from stoker.data.buckets import BucketReport, assign_buckets, bucket_report
+from stoker.data.buffers import ArrivedBlocks, BatchBuffers, SharedBlocks
 from stoker.data.captions import process_caption
 from stoker.data.catalog import Catalog, Problem, scan_dataset, stderr_progress
 from stoker.data.config import (
@@ -207,6 +208,13 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         # Set on the twin that worker processes run (`for_workers`): float batches cross the
         # worker queue as uint8, a quarter of the bytes, and `arrive` converts them.
         self.uint8_in_transit = False
+        self.small_in_transit = False  # small tensors travel as arrays (`for_workers`)
+        # Reused memory for the batches this process builds (stoker.data.buffers); twins share it.
+        self.buffers = BatchBuffers()
+        # A worker's reused shared-memory blocks for uint8 batches that `arrive` converts and
+        # gives back (the main process's side: `arrived`).
+        self.shared_blocks = SharedBlocks()
+        self.arrived = ArrivedBlocks()
         # Set by load_dataset(latent_cache=..., text_cache=...): readers of stoker.cache.
         self.latents: Any = None
         self.text: Any = None
@@ -236,32 +244,56 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return twin
 
     def for_workers(self) -> StokerDataset:
-        """The twin that DataLoader workers run: float batches travel as uint8, `arrive` converts.
+        """The twin that DataLoader workers run: batches travel in a cheaper form, `arrive` finishes.
 
-        A float batch of four 1 MP images is 48 MiB that a worker writes into fresh shared memory
-        and the main process maps; as uint8 it is 12 MiB, and the conversion (one pass per plane in
-        the main process) is the same arithmetic, so batches are bitwise the same. Measured in
-        issue #11: 2 workers reached 0.69 of twice one process with float batches, 0.81 with uint8.
+        - Float images travel as uint8. A float batch of four 1 MP images is 48 MiB that a worker
+          writes into fresh shared memory and the main process maps; as uint8 it is 12 MiB, and
+          the conversion (one pass per plane in the main process) is the same arithmetic, so
+          batches are bitwise the same. Measured in issue #11: 2 workers reached 0.69 of twice one
+          process with float batches, 0.81 with uint8.
+        - Small tensors (loss weights, sizes, multipliers) travel inside the batch's pickle as
+          NumPy arrays. Each tensor sent as a tensor costs a shared-memory segment in the worker
+          and a file-descriptor handshake (a socket connection with an HMAC challenge) in both
+          processes: five of the six tensors of a batch, about 1 ms of the main process's time
+          per image on 2 CPUs (issue #11).
         """
-        if self.output != "float":
-            return self
         twin = object.__new__(type(self))  # a subclass stays itself in the workers
         twin.__dict__.update(self.__dict__)
-        twin.uint8_in_transit = True
+        twin.uint8_in_transit = self.output == "float"
+        twin.small_in_transit = True
+        if twin.uint8_in_transit:  # blocks that hold the largest uint8 batch, given back on arrival
+            twin.shared_blocks = SharedBlocks(block_bytes=self._largest_batch_bytes())
         return twin
 
+    def _largest_batch_bytes(self) -> int:
+        """Bytes of the largest uint8 image batch its buckets and batch sizes make."""
+        if len(self.groups) == 0:
+            return 0
+        pixels = self.bucket_wh[:, 0] * self.bucket_wh[:, 1] * self.batch_sizes[self.groups]
+        return int(pixels.max()) * 3
+
     def arrive(self, batch: Any) -> Any:
-        """Finish a batch where it is consumed: uint8 images from `for_workers` become float.
+        """Finish a batch where it is consumed: what `for_workers` sent cheaply becomes what the
+        batch promises (uint8 images become float, small arrays become tensors).
 
         The loader calls this in the main process for each batch; other batches pass unchanged.
         A pinned batch (``pin_memory``) gets a pinned result.
         """
-        if not (self.uint8_in_transit and isinstance(batch, dict)):
+        if not (self.small_in_transit or self.uint8_in_transit) or not isinstance(batch, dict):
+            return batch
+        if self.small_in_transit:
+            pinned = _is_pinned(batch)
+            for key, value in batch.items():
+                if isinstance(value, _Inline):
+                    tensor = torch.from_numpy(value.array)
+                    batch[key] = tensor.pin_memory() if pinned else tensor.clone()
+        if not self.uint8_in_transit:
             return batch
         for key in ("images", "conditioning_images"):
             value = batch.get(key)
             if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
-                batch[key] = _uint8_to_float(value)
+                batch[key] = _uint8_to_float(value, self.buffers)
+                self.arrived.give_back(value)  # read: its worker may write the next batch there
         return batch
 
     def make_batch_sampler(
@@ -345,10 +377,17 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             replaced += problems
         if not samples:
             return {"empty": True, "replaced": replaced, "images": None, "captions": []}
-        batch = _collate(samples, float_images=self.output == "float" and not self.uint8_in_transit)
+        batch = _collate(
+            samples,
+            float_images=self.output == "float" and not self.uint8_in_transit,
+            buffers=self.buffers,
+            shared=self.shared_blocks if self.uint8_in_transit else None,
+        )
         if self.text is not None:  # cached text-encoder outputs of the final captions
             batch |= self.text.collate(batch["captions"])
         batch["replaced"] = replaced
+        if self.small_in_transit:
+            _inline_small_tensors(batch)
         _share_in_worker(batch)
         return batch
 
@@ -567,14 +606,22 @@ def _fit(
     return pixels
 
 
-def _collate(samples: list[dict[str, Any]], *, float_images: bool) -> dict[str, Any]:
+def _collate(
+    samples: list[dict[str, Any]],
+    *,
+    float_images: bool,
+    buffers: BatchBuffers | None = None,
+    shared: SharedBlocks | None = None,
+) -> dict[str, Any]:
     """Stack samples of one bucket into sd-scripts' batch dict."""
     pixels = [s["pixels"] for s in samples]
     batch: dict[str, Any] = {}
     if isinstance(pixels[0], torch.Tensor):  # latents from the cache (stoker.cache)
         batch["latents"] = torch.stack(pixels)
     else:
-        batch["images"] = _planes([p[..., :3] for p in pixels], float_images=float_images)
+        batch["images"] = _planes(
+            [p[..., :3] for p in pixels], float_images=float_images, buffers=buffers, shared=shared
+        )
     batch |= {
         "captions": [s["caption"] for s in samples],
         "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
@@ -596,8 +643,50 @@ def _collate(samples: list[dict[str, Any]], *, float_images: bool) -> dict[str, 
         batch["alpha_masks"] = torch.from_numpy(np.stack(masks))
     if "conditioning" in samples[0]:
         cond = [s["conditioning"] for s in samples]
-        batch["conditioning_images"] = _planes(cond, float_images=float_images)
+        batch["conditioning_images"] = _planes(
+            cond, float_images=float_images, buffers=buffers, shared=shared
+        )
     return batch
+
+
+# Tensors up to this size cross the worker queue inside the batch's pickle (`for_workers`).
+_INLINE_BYTES = 1 << 16
+
+
+class _Inline:
+    """A small tensor of a batch in transit from a worker, as a NumPy array pickled by value."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Inline, (self.array,))
+
+
+def _is_pinned(batch: dict[str, Any]) -> bool:
+    """Whether the loader pinned this batch (its tensors are all pinned or all not)."""
+    return any(isinstance(v, torch.Tensor) and v.is_pinned() for v in batch.values())
+
+
+def _inline_small_tensors(batch: dict[str, Any]) -> None:
+    """Replace the batch's small CPU tensors with `_Inline` arrays (same keys, same order)."""
+    for key, value in batch.items():
+        if (
+            isinstance(value, torch.Tensor)
+            and value.device.type == "cpu"
+            and value.nbytes <= _INLINE_BYTES
+            and value.dtype in _NUMPY_DTYPES
+            and not value.requires_grad
+        ):
+            batch[key] = _Inline(value.contiguous().numpy())
+
+
+_NUMPY_DTYPES = frozenset(
+    {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+    | {torch.float16, torch.float32, torch.float64}
+)
 
 
 def _share_in_worker(batch: dict[str, Any]) -> None:
@@ -619,7 +708,13 @@ def _share_in_worker(batch: dict[str, Any]) -> None:
 _HALF_RANGE = np.float32(127.5)
 
 
-def _planes(pixels: list[np.ndarray], *, float_images: bool) -> torch.Tensor:
+def _planes(
+    pixels: list[np.ndarray],
+    *,
+    float_images: bool,
+    buffers: BatchBuffers | None = None,
+    shared: SharedBlocks | None = None,
+) -> torch.Tensor:
     """HWC uint8 images (views allowed) into one new NCHW tensor: uint8, or float in [-1, 1].
 
     Each colour plane is read once from its strided view and written once into the batch, already
@@ -629,7 +724,10 @@ def _planes(pixels: list[np.ndarray], *, float_images: bool) -> torch.Tensor:
     """
     height, width = pixels[0].shape[:2]
     batch = _batch_tensor(
-        (len(pixels), 3, height, width), torch.float32 if float_images else torch.uint8
+        (len(pixels), 3, height, width),
+        torch.float32 if float_images else torch.uint8,
+        buffers,
+        shared,
     )
     out = batch.numpy()
     for n, image in enumerate(pixels):
@@ -641,17 +739,28 @@ def _planes(pixels: list[np.ndarray], *, float_images: bool) -> torch.Tensor:
     return batch
 
 
-def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An empty tensor; in a DataLoader worker, already in shared memory.
+def _batch_tensor(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    buffers: BatchBuffers | None = None,
+    shared: SharedBlocks | None = None,
+) -> torch.Tensor:
+    """An empty tensor; in a DataLoader worker, already in shared memory (in ``shared``'s reused
+    blocks when given); else in ``buffers``' reused memory when given (`stoker.data.buffers`: no
+    fresh pages to fault in per batch).
 
     A worker's batch goes to the main process through shared memory; a tensor in ordinary memory
     is first copied into a new shared segment there. Built in shared memory from the start (as
     torch's own ``default_collate`` does; see `stoker.torch_internals.new_shared_tensor`), it is
     sent as is: one copy of every batch less.
     """
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    return torch_internals.new_shared_tensor(shape, dtype)
+    if torch.utils.data.get_worker_info() is not None:
+        if shared is not None:
+            return shared.empty(shape, dtype)
+        return torch_internals.new_shared_tensor(shape, dtype)
+    if buffers is not None:
+        return buffers.empty(shape, dtype)
+    return torch.empty(shape, dtype=dtype)
 
 
 def _plane_to_float(plane: np.ndarray, out: np.ndarray) -> None:
@@ -659,10 +768,14 @@ def _plane_to_float(plane: np.ndarray, out: np.ndarray) -> None:
     np.subtract(out, np.float32(1.0), out=out)
 
 
-def _uint8_to_float(images: torch.Tensor) -> torch.Tensor:
-    """A uint8 batch from `_planes` to float32 in [-1, 1], plane by plane (see `_planes`)."""
+def _uint8_to_float(images: torch.Tensor, buffers: BatchBuffers | None = None) -> torch.Tensor:
+    """A uint8 batch from `_planes` to float32 in [-1, 1], plane by plane (see `_planes`); into
+    ``buffers``' reused memory when given, unless the batch is pinned (then the result is too)."""
     source = images.contiguous().numpy()
-    out = torch.empty(images.shape, dtype=torch.float32, pin_memory=images.is_pinned())
+    if buffers is not None and not images.is_pinned():
+        out = buffers.empty(tuple(images.shape), torch.float32)
+    else:
+        out = torch.empty(images.shape, dtype=torch.float32, pin_memory=images.is_pinned())
     planes = source.reshape(-1, *source.shape[-2:])
     targets = out.numpy().reshape(planes.shape)
     for plane, target in zip(planes, targets, strict=True):

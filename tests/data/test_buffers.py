@@ -1,0 +1,227 @@
+"""Reused batch memory (stoker.data.buffers): a block is lent again only when nothing reaches it."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import stoker
+from stoker import torch_internals
+from stoker.data import buffers as buffers_module
+from stoker.data.buffers import MIN_BYTES, ArrivedBlocks, BatchBuffers, SharedBlocks
+
+SHAPE = (2, 3, 256, 512)  # 3 MiB of float32: above MIN_BYTES
+
+
+def test_a_dropped_batch_gives_its_memory_to_the_next() -> None:
+    pool = BatchBuffers()
+    first = pool.empty(SHAPE, torch.float32)
+    address = first.data_ptr()
+    del first
+    second = pool.empty(SHAPE, torch.float32)
+    assert second.data_ptr() == address
+    assert second.shape == SHAPE and second.dtype == torch.float32 and second.is_contiguous()
+    assert second.untyped_storage().nbytes() == second.numel() * 4  # exactly the batch, no more
+    assert pool.kept_bytes() == second.numel() * 4
+
+
+def holders(batch: torch.Tensor) -> dict[str, Any]:
+    """Each way a caller can keep a batch's memory without keeping the batch itself."""
+    return {
+        "view": batch[0],
+        "numpy": batch.numpy(),
+        "storage": batch.untyped_storage(),
+        "flat": batch.view(-1),
+        "dlpack": torch.utils.dlpack.to_dlpack(batch),
+        "memoryview": memoryview(batch.numpy()),
+    }
+
+
+@pytest.mark.parametrize("way", list(holders(torch.zeros(1))))
+def test_memory_that_anything_still_reaches_is_not_lent_again(way: str) -> None:
+    pool = BatchBuffers()
+    batch = pool.empty(SHAPE, torch.float32)
+    batch.fill_(7.0)
+    kept = holders(batch)[way]
+    address = batch.data_ptr()
+    del batch
+    gc.collect()
+    other = pool.empty(SHAPE, torch.float32)
+    other.fill_(-1.0)
+    assert other.data_ptr() != address
+    assert pool.kept_bytes() == 2 * other.numel() * 4
+    if way == "dlpack":
+        values = torch.utils.dlpack.from_dlpack(kept).numpy()
+    elif way == "storage":
+        values = np.frombuffer(bytes(kept), np.float32)
+    elif isinstance(kept, torch.Tensor):
+        values = kept.numpy()
+    else:
+        values = np.asarray(kept)
+    assert np.all(values == 7.0)  # the held batch kept its values
+
+
+def test_at_most_blocks_are_kept_then_memory_is_ordinary() -> None:
+    pool = BatchBuffers(blocks=2)
+    held = [pool.empty(SHAPE, torch.float32) for _ in range(3)]
+    assert pool.kept_bytes() == 2 * held[0].numel() * 4  # the third is ordinary memory
+    assert len({t.data_ptr() for t in held}) == 3
+    small = pool.empty((4, 4), torch.float32)
+    assert small.numel() * 4 < MIN_BYTES and pool.kept_bytes() == 2 * held[0].numel() * 4
+
+
+def test_a_smaller_batch_uses_a_larger_block_and_a_larger_one_grows_it() -> None:
+    pool = BatchBuffers(blocks=1)
+    big = pool.empty(SHAPE, torch.float32)
+    address = big.data_ptr()
+    del big
+    small = pool.empty((2, 3, 256, 256), torch.uint8)  # 384 KiB < MIN_BYTES: ordinary memory
+    assert pool.kept_bytes() == int(np.prod(SHAPE)) * 4
+    half = pool.empty((1, 3, 256, 512), torch.float32)
+    assert half.data_ptr() == address and half.untyped_storage().nbytes() == half.numel() * 4
+    del half, small
+    larger = pool.empty((4, 3, 256, 512), torch.float32)
+    assert pool.kept_bytes() == larger.numel() * 4  # replaced by one that fits
+    del larger
+    pool.clear()
+    assert pool.kept_bytes() == 0
+
+
+def test_the_pool_pickles_empty() -> None:
+    pool = BatchBuffers(blocks=3)
+    batch = pool.empty(SHAPE, torch.float32)
+    copy = pickle.loads(pickle.dumps(pool))
+    assert copy.blocks == 3 and copy.kept_bytes() == 0 and pool.kept_bytes() > 0
+    assert batch.numel() > 0
+
+
+def write_images(root: Path, count: int) -> None:
+    folder = root / "1_set"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        size = ((640, 480), (480, 640), (512, 512))[i % 3]
+        pixels = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC)
+        image.save(folder / f"{i}.jpg", quality=90)
+        (folder / f"{i}.txt").write_text("a photo\n", encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_batches_kept_by_the_loop_keep_their_values(tmp_path: Path) -> None:
+    """Every batch of an epoch held at once equals the same batch hashed and dropped at once."""
+    write_images(tmp_path, 12)
+    ds = stoker.load_dataset(tmp_path, resolution=512, batch_size=2, progress=None)
+    loader = stoker.make_loader(ds, seed=1, shuffle=True, workers=0, monitor=False)
+    one_at_a_time = [batch["images"].clone() for batch in loader]
+    assert ds.buffers.kept_bytes() > 0  # the batches did come from reused memory
+    loader.set_epoch(0)  # the same epoch again
+    all_at_once = list(loader)
+    assert len(all_at_once) == len(one_at_a_time) == 6
+    for kept, expected in zip(all_at_once, one_at_a_time, strict=True):
+        assert torch.equal(kept["images"], expected)
+    ordinary = stoker.load_dataset(tmp_path, resolution=512, batch_size=2, progress=None)
+    ordinary.buffers = BatchBuffers(blocks=0)  # every batch in fresh memory, as before
+    fresh = stoker.make_loader(ordinary, seed=1, shuffle=True, workers=0, monitor=False)
+    assert all(
+        torch.equal(batch["images"], expected)
+        for batch, expected in zip(fresh, one_at_a_time, strict=True)
+    )
+    assert ordinary.buffers.kept_bytes() == 0
+
+
+# --- a worker's shared-memory blocks -------------------------------------------------------------
+
+BYTES = (4, 3, 256, 512)  # 1.5 MiB of uint8
+
+
+@pytest.mark.skipif(not buffers_module._ORDERED_STORES, reason="blocks are reused on x86-64 only")
+def test_a_shared_block_is_written_again_only_after_it_was_given_back() -> None:
+    blocks = SharedBlocks(blocks=2)
+    arrived = ArrivedBlocks()
+    first = blocks.empty(BYTES, torch.uint8)
+    assert first.is_shared() and first.shape == BYTES and first.is_contiguous()
+    second = blocks.empty(BYTES, torch.uint8)
+    assert second.data_ptr() != first.data_ptr()  # the first was not given back
+    third = blocks.empty(BYTES, torch.uint8)  # both blocks lent: a fresh segment
+    assert third.is_shared() and third.data_ptr() not in (first.data_ptr(), second.data_ptr())
+    assert not arrived.give_back(third)  # not a block: nothing is written
+    assert not arrived.give_back(torch.zeros(BYTES, dtype=torch.uint8))
+    assert arrived.give_back(first)
+    again = blocks.empty((3, 3, 256, 512), torch.uint8)  # smaller: the given-back block
+    assert again.data_ptr() == first.data_ptr()
+    assert not arrived.give_back(first[1:])  # a view that does not start the block
+    assert blocks.empty(BYTES, torch.uint8).data_ptr() not in (first.data_ptr(), second.data_ptr())
+
+
+@pytest.mark.skipif(not buffers_module._ORDERED_STORES, reason="blocks are reused on x86-64 only")
+def test_blocks_nobody_gives_back_are_dropped() -> None:
+    """With pin_memory the loop receives pinned copies and never gives a block back."""
+    blocks = SharedBlocks(blocks=2)
+    lent = [blocks.empty(BYTES, torch.uint8) for _ in range(2 + 2 * 2)]
+    assert all(t.is_shared() for t in lent)
+    assert blocks._kept == [] and blocks.blocks == 0
+    assert blocks.empty(BYTES, torch.uint8).is_shared()  # fresh segments from now on
+    given = SharedBlocks(blocks=1)
+    first = given.empty(BYTES, torch.uint8)
+    assert ArrivedBlocks().give_back(first)
+    held = given.empty(BYTES, torch.uint8)
+    for _ in range(4):
+        given.empty(BYTES, torch.uint8)  # the one block is lent: fresh ones
+    assert len(given._kept) == 1 and held.data_ptr() == first.data_ptr()
+
+
+@pytest.mark.skipif(not buffers_module._ORDERED_STORES, reason="blocks are reused on x86-64 only")
+def test_a_full_dev_shm_stops_new_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = SharedBlocks(blocks=4)
+    kept = blocks.empty(BYTES, torch.uint8)
+    fresh = torch_internals.new_shared_tensor
+
+    def full(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if shape == (len(kept.untyped_storage()),):  # a new block
+            raise RuntimeError("unable to allocate shared memory")
+        return fresh(shape, dtype)
+
+    monkeypatch.setattr(torch_internals, "new_shared_tensor", full)
+    other = blocks.empty(BYTES, torch.uint8)  # no block: a fresh segment, as before the blocks
+    assert other.is_shared() and other.untyped_storage().nbytes() == other.nbytes
+    assert blocks.blocks == 1 and len(blocks._kept) == 1
+
+
+def test_shared_blocks_pickle_empty_and_size_blocks_for_the_largest_batch() -> None:
+    blocks = SharedBlocks(blocks=3, block_bytes=5 << 20)
+    blocks.empty(BYTES, torch.uint8)
+    copy = pickle.loads(pickle.dumps(blocks))
+    assert (copy.blocks, copy.block_bytes, copy._kept) == (3, 5 << 20, [])
+    if buffers_module._ORDERED_STORES:
+        assert blocks._kept[0].capacity >= 5 << 20
+    arrived = pickle.loads(pickle.dumps(ArrivedBlocks(keep=5)))
+    assert arrived.keep == 5 and arrived._mapped == []
+
+
+@pytest.mark.slow
+def test_workers_reusing_blocks_send_the_same_batches(tmp_path: Path) -> None:
+    """Three epochs through two persistent workers that write batches into given-back blocks
+    equal the same epochs made in the main process."""
+    write_images(tmp_path, 12)
+    ds = stoker.load_dataset(tmp_path, resolution=512, batch_size=2, progress=None)
+
+    def epochs(workers: int) -> tuple[Any, list[torch.Tensor]]:
+        loader = stoker.make_loader(
+            ds, seed=2, shuffle=True, workers=workers, persistent=workers > 0, monitor=False
+        )
+        return loader, [batch["images"] for _ in range(3) for batch in loader]
+
+    _, expected = epochs(0)
+    loader, got = epochs(2)
+    assert len(got) == len(expected) == 18
+    assert all(map(torch.equal, got, expected))
+    if buffers_module._ORDERED_STORES:
+        assert loader.dataset.arrived._mapped  # batches did come in given-back blocks
