@@ -259,3 +259,22 @@ def test_describe_names_the_count_rate_wait_and_batches():
     w = Window(workers=2, batches=10, samples=20, wait_seconds=1.0)
     assert w.describe() == "2 workers 10 batches/s, waited 100% (10 batches)"
     assert w.samples_per_second == 20.0
+
+
+def test_the_burst_loaded_during_a_hand_over_is_not_timed():
+    # Switched to 1 worker with prefetch 2 while the old workers handed over: the new worker
+    # loaded 2 batches meanwhile, which arrive at once and would time as a rate of infinity.
+    tuner = LiveTuner(start=2, candidates=[1, 2])
+    tuner.switched(1, burst=2)
+    for _ in range(2):
+        assert tuner.observe(0.0, 0.0, 1) is None
+    assert tuner._open.batches == 0
+    while tuner.observe(0.1, 0.0, 1) is None:  # then 10 batches/s, every one timed
+        pass
+    assert tuner.windows[1].wait_seconds == pytest.approx(0.1 * tuner.windows[1].batches)
+    # Without a hand-over only the first round is left out, as before.
+    tuner.switched(2)
+    for _ in range(2):
+        assert tuner.observe(5.0, 0.0, 1) is None
+    tuner.observe(0.1, 0.0, 1)
+    assert tuner._open.batches == 1

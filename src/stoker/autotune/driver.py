@@ -225,7 +225,10 @@ class LiveTuning:
             keep_running=keep_running,
         )
         loader.plan = plan
-        self.tuner.switched(plan.num_workers)
+        # The new workers load while the old ones hand over: up to every batch they may have
+        # asked for is ready when the hand-over ends, and would time as instant.
+        burst = plan.num_workers * (plan.prefetch_factor or 1) if handing_over else None
+        self.tuner.switched(plan.num_workers, burst)
         self.switches.append(
             Switch(
                 batch=self._clock.batches + handing_over,

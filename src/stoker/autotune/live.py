@@ -85,17 +85,19 @@ class LiveTuner:
         """Whether the comparison is made and the count stays (unless the consumer changes)."""
         return self.decision.settled
 
-    def restarted(self) -> None:
-        """Workers (re)started: their first round arrives as a burst after the start, not timed."""
-        self._skip = max(self.current, 1)
+    def restarted(self, burst: int | None = None) -> None:
+        """Workers (re)started: the first ``burst`` batches (default: one round) arrive together
+        after the start, not timed."""
+        self._skip = max(self.current if burst is None else burst, 1)
         self._open = Window(workers=self.current)
 
-    def switched(self, workers: int) -> None:
-        """The loader now runs ``workers``; measure it from its first whole round."""
+    def switched(self, workers: int, burst: int | None = None) -> None:
+        """The loader now runs ``workers``; measure it after the ``burst`` of batches they
+        loaded while the old ones handed over theirs (default: one round)."""
         self.current = workers
         if self.decision.workers == workers:
             self.decision = replace(self.decision, switch=False)
-        self.restarted()
+        self.restarted(burst)
 
     def limit(self, max_workers: int, why: str) -> Decision | None:
         """Allow at most ``max_workers`` (the memory budget); a switch when the current is above."""
