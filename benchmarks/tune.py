@@ -75,9 +75,10 @@ def dataset_of(images: int) -> Any:
     build_dataset(root, images=images)
     config = root / "tune.toml"
     config.write_text(CONFIG, encoding="utf-8")
-    # Freshly written images are still being flushed to disk: the first run measured that
+    # Freshly written images may still be flushing to disk while the first run reads them
     # (session 2: the first tuned run on a new 400-image set ran its settled epochs at 0.73x
-    # the fixed count it ended on; the same run again, 0.95-1.0x). Flush, then read each once.
+    # the fixed count it ended on; four later runs of the same setting, 0.9-1.0x). Flush, then
+    # read each once, so that no setting pays for the write.
     os.sync()
     for path in sorted(root.rglob("*")):
         if path.is_file():
