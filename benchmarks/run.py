@@ -900,9 +900,17 @@ def targets(results: dict[str, Any], budget: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     pc = results.get("per_core")
     if pc:
-        out["per_core_ratio through make_loader(workers=0) (>= 2.5)"] = pc["through_make_loader"][
-            "ratio"
-        ]
+        through = pc["through_make_loader"]
+        out["per_core_ratio through make_loader(workers=0) (>= 2.5)"] = through["ratio"]
+        # The reference's rate depends on the heap state it runs in (session 2, one quiet run:
+        # 12.6 images/CPU-s in the per-image rounds, 9.6 interleaved with loader epochs), so the
+        # loader is also held against the faster of its two rates: the conservative figure.
+        fastest = max(
+            through["reference"], pc["images_per_cpu_second"]["reference (sd-scripts steps)"]
+        )
+        out["per_core_ratio through make_loader(workers=0), against the faster reference rate"] = (
+            through["make_loader_workers_0"] / fastest
+        )
         out["per_core_ratio of the sample path"] = pc["ratio_to_reference"]["stoker fast_decode"]
         out["PSNR against the reference, dB (>= 40)"] = pc["quality"]["fast path PSNR dB"]
         out["worst image PSNR, dB"] = pc["quality"]["fast path worst image PSNR dB"]
