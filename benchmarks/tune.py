@@ -44,6 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import build_dataset  # noqa: E402  # benchmarks/run.py: the same images
+from vs_sd_scripts import CONFIG as SD_SCRIPTS_CONFIG  # noqa: E402
 
 import stoker  # noqa: E402
 from stoker.files import atomic_write_text  # noqa: E402
@@ -51,23 +52,8 @@ from stoker.files import atomic_write_text  # noqa: E402
 OUT = Path(__file__).resolve().parent / "out"
 KEEP_UP_WAIT = 0.05
 
-CONFIG = """[general]
-enable_bucket = true
-caption_extension = ".txt"
-shuffle_caption = true
-keep_tokens = 1
-
-[[datasets]]
-resolution = 1024
-batch_size = 1
-min_bucket_reso = 256
-max_bucket_reso = 2048
-bucket_reso_steps = 64
-
-  [[datasets.subsets]]
-  image_dir = "2_photo"
-  num_repeats = 1
-"""
+# The config of issue 13's measurements: the one the sd-scripts comparison uses, at batch size 1.
+CONFIG = SD_SCRIPTS_CONFIG.format(batch_size=1, image_dir="2_photo")
 
 
 def dataset_of(images: int) -> Any:
