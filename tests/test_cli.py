@@ -310,8 +310,8 @@ def test_the_installed_console_script_gives_one_line_errors(tmp_path):
     from pathlib import Path
 
     script = shutil.which("stoker")
-    if script is None:
-        pytest.skip("the stoker console script is not installed (pip install -e .)")
+    # make test installs this checkout (pip install -e .), console script included.
+    assert script is not None, "the stoker console script is not installed: run pip install -e ."
     src = Path(__file__).resolve().parents[1] / "src"
     env = {**os.environ, "PYTHONPATH": str(src)}  # this checkout's code behind the real script
     for args, expected in [

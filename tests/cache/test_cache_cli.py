@@ -20,12 +20,9 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 
-def test_cache_command_builds_both_caches_and_scan_reports_them(
-    folder, vae_dir, clip_dirs, tmp_path, capsys
-):
-    cache = tmp_path / "cache"
-    args = [
-        "cache",
+def _encoders(folder, vae_dir, clip_dirs, cache) -> list[str]:
+    """`stoker cache`'s source, models and folder, as both commands below give them."""
+    return [
         str(folder.config),
         "--vae",
         str(vae_dir),
@@ -36,6 +33,13 @@ def test_cache_command_builds_both_caches_and_scan_reports_them(
         "--cache-dir",
         str(cache),
     ]
+
+
+def test_cache_command_builds_both_caches_and_scan_reports_them(
+    folder, vae_dir, clip_dirs, tmp_path, capsys
+):
+    cache = tmp_path / "cache"
+    args = ["cache", *_encoders(folder, vae_dir, clip_dirs, cache)]
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"latents cache {cache}: 7 valid, 0 stale, 0 missing; encoded 7")
@@ -81,15 +85,7 @@ def test_torchrun_two_ranks_encode_disjoint_shares_into_one_index(
         "-m",
         "stoker.cli",
         "cache",
-        str(folder.config),
-        "--vae",
-        str(vae_dir),
-        "--text-encoder",
-        str(clip_dirs[0]),
-        "--tokenizer",
-        str(clip_dirs[1]),
-        "--cache-dir",
-        str(cache),
+        *_encoders(folder, vae_dir, clip_dirs, cache),
         "--encode-batch-size",
         "1",
         "--json",
