@@ -10,7 +10,9 @@ It builds a deterministic synthetic dataset once (cached under ``benchmarks/out/
    sizes (CPU seconds of one thread, interleaved); PSNR against it, zone-plate aliasing, and
    where stoker's time goes;
 2a. scaling: loader images/s at 0, 1, 2 and budget workers against one process x workers, runs
-   interleaved, and 2 workers as before issue #11 (float batches through the worker queue);
+   interleaved, and 2 workers in the earlier arrangements beside them (float batches through the
+   worker queue; uint8 in fresh memory; uint8 in reused blocks converted in the main process),
+   with the CPU ms per image of whole epochs (main process and workers, and the main's share);
 2. loader throughput for 0 ... budget+2 workers, fork and spawn, and time to first batch;
 3. the gap at an epoch boundary with and without persistent workers;
 4. worker memory for a 1,000,000-entry catalog: stoker's arrays against a list of dicts;
@@ -442,6 +444,13 @@ class FreshMemory(stoker.StokerDataset):
         return twin
 
 
+class ConvertedInMain(stoker.StokerDataset):
+    """As after issue #11's second session: float batches cross as uint8 in each worker's reused
+    blocks and the main process converts them to float (``float_transit = "uint8"``)."""
+
+    float_transit = "uint8"
+
+
 def section_scaling(
     config: Path, *, budget: int, batches: int, repeats: int
 ) -> tuple[BenchReport, dict[str, Any]]:
@@ -459,6 +468,9 @@ def section_scaling(
     fresh = object.__new__(FreshMemory)
     fresh.__dict__.update(ds.__dict__)
     settings.append((2, "uint8 queue, fresh memory (#11 session 1)", fresh))
+    converted = object.__new__(ConvertedInMain)
+    converted.__dict__.update(ds.__dict__)
+    settings.append((2, "uint8 blocks, float made in main (#11 session 2)", converted))
     runs: dict[str, list[float]] = {}
     kept: dict[str, list[Any]] = {}
     for _ in range(repeats):
@@ -469,7 +481,7 @@ def section_scaling(
             runs.setdefault(f"{workers} workers, {label}", []).append(m.images_per_second)
             kept.setdefault(f"{workers} workers, {label}", []).append(m)
     rates = {name: statistics.median(values) for name, values in runs.items()}
-    cpu = _cpu_per_image(settings, repeats=repeats)
+    cpu, main_cpu = _cpu_per_image(settings, repeats=repeats)
     single = rates["0 workers, stoker"]
     medians = [
         sorted(ms, key=lambda m: m.images_per_second)[(len(ms) - 1) // 2] for ms in kept.values()
@@ -487,6 +499,8 @@ def section_scaling(
             name: rate / (single * max(1, int(name.split()[0]))) for name, rate in rates.items()
         },
         "cpu_ms_per_image": cpu,
+        "main_cpu_ms_per_image": main_cpu,
+        "float_transit": ds.for_workers().float_in_blocks and "blocks" or "uint8",
         "cpu_efficiency": {
             name: cpu["0 workers, stoker"] / ms
             for name, ms in cpu.items()
@@ -498,9 +512,10 @@ def section_scaling(
 
 def _cpu_per_image(
     settings: list[tuple[int, str, Any]], *, repeats: int, epochs: int = 2
-) -> dict[str, float]:
-    """CPU ms per image of whole epochs, main process and workers together (medians, rounds
-    interleaved): what the loader costs on top of the images, robust to other jobs' load.
+) -> tuple[dict[str, float], dict[str, float]]:
+    """CPU ms per image of whole epochs, main process and workers together, and the main
+    process's own (medians, rounds interleaved): what the loader costs on top of the images,
+    robust to other jobs' load.
 
     Persistent workers, as in training; they are stopped (and so counted) after ``epochs``
     whole epochs, which spread their start over the images; whole epochs, so no batch is made
@@ -509,19 +524,17 @@ def _cpu_per_image(
     import gc
     import resource
 
-    def used() -> float:
-        total = 0.0
-        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-            usage = resource.getrusage(who)
-            total += usage.ru_utime + usage.ru_stime
-        return total
+    def used(who: int) -> float:
+        usage = resource.getrusage(who)
+        return usage.ru_utime + usage.ru_stime
 
     runs: dict[str, list[float]] = {}
+    mains: dict[str, list[float]] = {}
     for _ in range(repeats):
         for workers, label, dataset in settings:
             if workers not in (0, 2):
                 continue
-            start = used()
+            start = used(resource.RUSAGE_SELF), used(resource.RUSAGE_CHILDREN)
             loader = stoker.make_loader(
                 dataset,
                 workers=workers,
@@ -534,10 +547,16 @@ def _cpu_per_image(
             images = sum(len(batch["images"]) for _ in range(epochs) for batch in loader)
             del loader  # stops and reaps persistent workers: their CPU time is counted
             gc.collect()
+            main = used(resource.RUSAGE_SELF) - start[0]
+            children = used(resource.RUSAGE_CHILDREN) - start[1]
             runs.setdefault(f"{workers} workers, {label}", []).append(
-                1e3 * (used() - start) / images
+                1e3 * (main + children) / images
             )
-    return {name: statistics.median(values) for name, values in runs.items()}
+            mains.setdefault(f"{workers} workers, {label}", []).append(1e3 * main / images)
+    return (
+        {name: statistics.median(values) for name, values in runs.items()},
+        {name: statistics.median(values) for name, values in mains.items()},
+    )
 
 
 def _print_scaling(r: dict[str, Any]) -> None:
@@ -545,11 +564,14 @@ def _print_scaling(r: dict[str, Any]) -> None:
     for name, rate in r["images_per_second"].items():
         ratio = r["x_one_process_times_workers"][name]
         _say(f"  {name:<52} {rate:7.1f} images/s   x{ratio:.2f} of one process x workers")
+    _say(f"  stoker sends float batches from workers as: {r.get('float_transit', '?')}")
     _say("  CPU ms per image, whole epochs, main process + workers (the loader's own cost):")
+    mains = r.get("main_cpu_ms_per_image", {})
     for name, ms in r["cpu_ms_per_image"].items():
         efficiency = r["cpu_efficiency"].get(name)
         tail = f"   0 workers / this: x{efficiency:.2f}" if efficiency is not None else ""
-        _say(f"    {name:<50} {ms:7.1f}{tail}")
+        main = f"  (main {mains[name]:4.1f})" if name in mains and not name.startswith("0 ") else ""
+        _say(f"    {name:<50} {ms:7.1f}{main}{tail}")
     _say(f"  load average after: {' '.join(r['loadavg_after'])}")
 
 

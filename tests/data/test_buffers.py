@@ -225,3 +225,83 @@ def test_workers_reusing_blocks_send_the_same_batches(tmp_path: Path) -> None:
     assert all(map(torch.equal, got, expected))
     if buffers_module._ORDERED_STORES:
         assert loader.dataset.arrived._mapped  # batches did come in given-back blocks
+
+
+# --- float batches lent to the loop in their blocks ------------------------------------------------
+
+
+@pytest.mark.skipif(not buffers_module._ORDERED_STORES, reason="blocks are reused on x86-64 only")
+def test_a_lent_block_goes_back_when_nothing_reaches_the_lent_tensor() -> None:
+    blocks = SharedBlocks(blocks=1)
+    arrived = ArrivedBlocks()
+    sent = blocks.empty(SHAPE, torch.float32)
+    sent.copy_(torch.arange(sent.numel(), dtype=torch.float32).reshape(SHAPE))
+    lent = arrived.lend(sent)
+    assert lent is not None and lent.dtype == torch.float32 and lent.shape == SHAPE
+    assert lent.data_ptr() == sent.data_ptr() and torch.equal(lent, sent)
+    assert arrived.lend(torch.zeros(SHAPE)) is None  # not a block: nothing lent
+    del sent  # the loop holds only what it was lent
+    part = lent[1]
+    del lent
+    gc.collect()
+    assert arrived.lent() == 1  # a view of the lent tensor still reaches the block
+    assert blocks.empty(SHAPE, torch.float32).data_ptr() != part.data_ptr()  # a fresh segment
+    expected = torch.arange(part.numel(), dtype=torch.float32) + part.numel()
+    assert torch.equal(part.flatten(), expected)  # untouched
+    del part
+    gc.collect()
+    assert arrived.lent() == 0
+    again = blocks.empty(SHAPE, torch.float32)
+    assert again.data_ptr() == blocks._kept[0].storage.data_ptr()  # the block, given back
+
+
+def _batches_held_and_dropped(tmp_path: Path, transit: str) -> None:
+    """Batches of three epochs through two persistent workers, all held at once and then drawn
+    and dropped one at a time, against the same epochs made in the main process."""
+    write_images(tmp_path, 12)
+    ds = stoker.load_dataset(tmp_path, resolution=512, batch_size=2, progress=None)
+    ds.float_transit = transit  # type: ignore[assignment]
+    in_process = stoker.make_loader(ds, seed=2, shuffle=True, workers=0, monitor=False)
+    expected = [batch["images"].clone() for _ in range(3) for batch in in_process]
+    held = stoker.make_loader(ds, seed=2, shuffle=True, workers=2, persistent=True, monitor=False)
+    kept = [batch["images"] for _ in range(3) for batch in held]
+    assert len(kept) == len(expected) == 18  # more than the blocks of both workers
+    assert all(map(torch.equal, kept, expected))  # no held batch was written over
+    blocks = held.dataset.float_in_blocks
+    assert blocks == (transit == "blocks" and buffers_module.reused_shared_blocks())
+    del kept
+    gc.collect()
+    dropped = stoker.make_loader(
+        ds, seed=2, shuffle=True, workers=2, persistent=True, monitor=False
+    )
+    addresses = set()
+    for i, batch in enumerate(batch for _ in range(3) for batch in dropped):
+        assert torch.equal(batch["images"], expected[i])
+        addresses.add(batch["images"].data_ptr())
+    if blocks:  # given back on the tensors' death and written again: the two workers' rings
+        assert len(addresses) <= 2 * buffers_module.FLOAT_BLOCKS < 18
+        assert dropped.dataset.arrived.lent() <= 1  # only the last batch is still reachable
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transit", ["blocks", "uint8"])
+def test_float_batches_in_blocks_equal_and_stay_intact(tmp_path: Path, transit: str) -> None:
+    _batches_held_and_dropped(tmp_path, transit)
+
+
+def test_float_blocks_fall_back_to_uint8_without_room_or_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_images(tmp_path, 2)
+    ds = stoker.load_dataset(tmp_path, resolution=512, batch_size=2, progress=None)
+    if buffers_module._ORDERED_STORES:
+        assert ds.for_workers().float_in_blocks
+        assert ds.for_workers().transit_blocks == buffers_module.FLOAT_BLOCKS
+    monkeypatch.setattr(buffers_module, "shm_free_bytes", lambda: 64 << 20)  # docker's default
+    twin = ds.for_workers()
+    assert twin.uint8_in_transit and not twin.float_in_blocks and twin.transit_blocks == 0
+    monkeypatch.undo()
+    monkeypatch.setattr(buffers_module, "_ORDERED_STORES", False)  # e.g. aarch64
+    twin = ds.for_workers()
+    assert twin.uint8_in_transit and not twin.float_in_blocks
+    assert ds.for_workers().arrive(ds[0]) is not None

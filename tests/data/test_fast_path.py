@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import stoker
+from stoker.data import buffers as buffers_module
 from stoker.data import dataset as dataset_module
 from stoker.data import images
 from stoker.data.images import (
@@ -282,13 +283,19 @@ def test_planes_are_bitwise_the_float_conversion() -> None:
 
 
 @pytest.mark.slow
-def test_workers_send_uint8_and_the_loop_receives_the_same_floats(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transit", ["blocks", "uint8"])
+def test_workers_send_uint8_and_the_loop_receives_the_same_floats(
+    tmp_path: Path, transit: str
+) -> None:
+    """Float batches sent as uint8 (converted on arrival) or as float in reused blocks (lent
+    as they are) equal the batches made in the main process, tensor for tensor."""
     folder = tmp_path / "1_set"
     folder.mkdir()
     for i in range(4):
         Image.fromarray(photo_like(640, 480, seed=i)).save(folder / f"{i}.jpg", quality=90)
         (folder / f"{i}.txt").write_text("a photo\n", encoding="utf-8")
     ds = stoker.load_dataset(tmp_path, resolution=256, progress=lambda done, total: None)
+    ds.float_transit = transit  # type: ignore[assignment]
 
     def batches(workers: int, dataset: Any = ds) -> tuple[Any, list[dict[str, Any]]]:
         loader = stoker.make_loader(dataset, seed=3, shuffle=True, workers=workers, budget=2)
@@ -297,7 +304,10 @@ def test_workers_send_uint8_and_the_loop_receives_the_same_floats(tmp_path: Path
     in_process, expected = batches(0)
     with_workers, got = batches(2)
     assert not in_process.dataset.uint8_in_transit and not in_process.dataset.small_in_transit
-    assert with_workers.dataset.uint8_in_transit and with_workers.dataset.output == "float"
+    sent = with_workers.dataset
+    blocks = transit == "blocks" and buffers_module.reused_shared_blocks()
+    assert (sent.float_in_blocks, sent.uint8_in_transit) == (blocks, not blocks)
+    assert sent.output == "float"
     assert with_workers.dataset.small_in_transit
     assert all(b["images"].dtype == torch.float32 for b in got)
     assert len(got) == len(expected)
@@ -326,7 +336,8 @@ def test_small_tensors_travel_inside_the_pickle(tmp_path: Path) -> None:
     (folder / "a.txt").write_text("a photo\n", encoding="utf-8")
     ds = stoker.load_dataset(tmp_path, resolution=256, progress=None)
     key = (0, 0, 0, 0)
-    sent = ds.for_workers().__getitems__([key])
+    twin = ds.for_workers()
+    sent = twin.__getitems__([key])
     small = [k for k, v in sent.items() if isinstance(v, dataset_module._Inline)]
     assert set(small) == {
         "loss_weights",
@@ -335,7 +346,8 @@ def test_small_tensors_travel_inside_the_pickle(tmp_path: Path) -> None:
         "target_sizes_hw",
         "network_multipliers",
     }
-    assert isinstance(sent["images"], torch.Tensor) and sent["images"].dtype == torch.uint8
+    in_transit = torch.uint8 if twin.uint8_in_transit else torch.float32
+    assert isinstance(sent["images"], torch.Tensor) and sent["images"].dtype == in_transit
     arrived = ds.for_workers().arrive(pickle.loads(pickle.dumps(sent)))
     expected = ds[0]
     for name in small:
@@ -385,4 +397,5 @@ def test_the_workers_twin_keeps_a_subclass(tmp_path: Path) -> None:
     ds = stoker.load_dataset(tmp_path, resolution=256, progress=None)
     ds.__class__ = Custom
     twin = ds.for_workers()
-    assert type(twin) is Custom and twin.uint8_in_transit and not ds.uint8_in_transit
+    assert type(twin) is Custom and not ds.uint8_in_transit and not ds.float_in_blocks
+    assert twin.uint8_in_transit or twin.float_in_blocks

@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ArrivedBlocks", "BatchBuffers", "SharedBlocks"]
+__all__ = [
+    "FLOAT_BLOCKS",
+    "ArrivedBlocks",
+    "BatchBuffers",
+    "SharedBlocks",
+    "reused_shared_blocks",
+]
 
 # Blocks kept per process: the training loop's variable holds batch k while batch k+1 is built,
 # and a prefetching wrapper (accelerate) holds one more, so three are in use; one spare.
@@ -122,6 +128,10 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
 # by the worker) and the token the main process gave back (copied there once it has read it).
 _MARK = 0x73746F6B65726231  # "stokerb1"
 _HEADER_BYTES = 64
+# Blocks a worker keeps for float batches that the training loop receives as they are: the
+# ``prefetch_factor`` (2) it has outstanding, its share of the batches the loop holds (the loop's
+# variable, one more in a prefetching wrapper, the one just received), and one spare.
+FLOAT_BLOCKS = 6
 
 
 class _SharedBlock:
@@ -215,11 +225,18 @@ class SharedBlocks:
 
 class ArrivedBlocks:
     """The main process's side of `SharedBlocks`: give a block back once its batch was read, and
-    keep the last ``keep`` blocks mapped so that the next batch in them maps nothing new."""
+    keep the last ``keep`` blocks mapped so that the next batch in them maps nothing new.
 
-    def __init__(self, keep: int = 8) -> None:
+    Two ways to give back: `give_back` at once (the batch was read, e.g. converted to float), or
+    `lend`, which hands out the batch itself and gives its block back when nothing reaches the
+    tensor it lent any more (the way `BatchBuffers` knows a block is free).
+    """
+
+    def __init__(self, keep: int = 16) -> None:
         self.keep = keep
         self._mapped: list[torch.UntypedStorage] = []
+        # Weak references (with their give-back callbacks) to the views that lent tensors hold.
+        self._lent: dict[int, weakref.ref[np.ndarray]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"keep": self.keep}
@@ -232,6 +249,43 @@ class ArrivedBlocks:
 
         ``False`` (and nothing written) for a tensor that is not in a `SharedBlocks` block.
         """
+        header = self._block_header(tensor)
+        if header is None:
+            return False
+        header[2] = header[1]
+        return True
+
+    def lend(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """``tensor`` (a batch a worker wrote into a block) as a tensor for the training loop,
+        whose block goes back to its worker once nothing reaches that tensor; ``None`` (nothing
+        lent) for a tensor that is not in a `SharedBlocks` block.
+
+        The returned tensor is ``torch.from_numpy`` of a NumPy view of ``tensor``: its storage
+        holds the view, and every way to its memory holds its storage (see the module
+        docstring), so the view dies only after the last read. Its death writes the loan's token
+        into the block's given-back slot (see `SharedBlocks` for why that order is safe).
+        """
+        header = self._block_header(tensor)
+        if header is None:
+            return None
+        view = tensor.numpy()[...]  # a new view object: only the lent tensor holds it
+        slot, token = header.numpy(), int(header[1])
+        lent = self._lent
+
+        def given_back(ref: weakref.ref[np.ndarray]) -> None:
+            slot[2] = token
+            lent.pop(id(ref), None)
+
+        ref = weakref.ref(view, given_back)
+        lent[id(ref)] = ref
+        return torch.from_numpy(view)
+
+    def lent(self) -> int:
+        """Blocks lent by `lend` and still reachable."""
+        return len(self._lent)
+
+    def _block_header(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The header of the `SharedBlocks` block that ``tensor`` starts, kept mapped; else None."""
         storage = tensor.untyped_storage()
         size = storage.nbytes()
         if (
@@ -240,16 +294,15 @@ class ArrivedBlocks:
             or size % _HEADER_BYTES
             or size < tensor.nbytes + _HEADER_BYTES
         ):
-            return False
+            return None
         header = _header(storage)
         if int(header[0]) != _MARK:
-            return False
+            return None
         address = storage.data_ptr()
         if all(kept.data_ptr() != address for kept in self._mapped):
             self._mapped.append(storage)
             del self._mapped[: -self.keep]
-        header[2] = header[1]
-        return True
+        return header
 
 
 def _header(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -267,3 +320,24 @@ def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 # Stores become visible in program order after earlier loads (see `SharedBlocks`).
 _ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def reused_shared_blocks(per_worker: int = 0) -> bool:
+    """Whether `SharedBlocks` reuses blocks on this machine (x86-64; elsewhere it always takes
+    fresh ones) with room in ``/dev/shm`` for ``per_worker`` bytes of blocks in a worker per CPU
+    this process may use (a container's default ``/dev/shm`` is 64 MiB)."""
+    if not _ORDERED_STORES:
+        return False
+    if per_worker <= 0:
+        return True
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return shm_free_bytes() >= per_worker * (cpus or 1)
+
+
+def shm_free_bytes() -> int:
+    """Free bytes in ``/dev/shm`` (0 where there is none)."""
+    try:
+        shm = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return shm.f_bavail * shm.f_frsize

@@ -23,7 +23,13 @@ import torch
 
 from stoker import torch_internals
 from stoker.data.buckets import BucketReport, assign_buckets, bucket_report
-from stoker.data.buffers import ArrivedBlocks, BatchBuffers, SharedBlocks
+from stoker.data.buffers import (
+    FLOAT_BLOCKS,
+    ArrivedBlocks,
+    BatchBuffers,
+    SharedBlocks,
+    reused_shared_blocks,
+)
 from stoker.data.captions import process_caption
 from stoker.data.catalog import Catalog, Problem, scan_dataset, stderr_progress
 from stoker.data.config import (
@@ -170,6 +176,11 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     """
 
     collate_fn = staticmethod(passthrough_collate)
+    # How float batches cross from workers (`for_workers`): "blocks", as float, written once in
+    # the worker into its reused shared-memory blocks that the loop receives as they are (x86-64;
+    # elsewhere "uint8"); "uint8", a quarter of the bytes, converted in the main process.
+    # Measured in issue #11 (docs/performance.md, 2a).
+    float_transit: Literal["blocks", "uint8"] = "blocks"
 
     def __init__(
         self,
@@ -208,6 +219,9 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         # Set on the twin that worker processes run (`for_workers`): float batches cross the
         # worker queue as uint8, a quarter of the bytes, and `arrive` converts them.
         self.uint8_in_transit = False
+        # Set on that twin instead where float batches travel as float in reused blocks that
+        # `arrive` lends to the training loop as they are (`for_workers`).
+        self.float_in_blocks = False
         self.small_in_transit = False  # small tensors travel as arrays (`for_workers`)
         # Reused memory for the batches this process builds (stoker.data.buffers); twins share it.
         self.buffers = BatchBuffers()
@@ -259,11 +273,25 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         """
         twin = object.__new__(type(self))  # a subclass stays itself in the workers
         twin.__dict__.update(self.__dict__)
-        twin.uint8_in_transit = self.output == "float"
         twin.small_in_transit = True
-        if twin.uint8_in_transit:  # blocks that hold the largest uint8 batch, given back on arrival
+        if self.output != "float":
+            return twin
+        float_bytes = 4 * self._largest_batch_bytes()
+        if self.float_transit == "blocks" and reused_shared_blocks(FLOAT_BLOCKS * float_bytes):
+            # float batches written once, in the worker, into blocks lent to the loop as they are
+            twin.float_in_blocks = True
+            twin.shared_blocks = SharedBlocks(blocks=FLOAT_BLOCKS, block_bytes=float_bytes)
+        else:  # uint8 in blocks that hold the largest uint8 batch, given back on arrival
+            twin.uint8_in_transit = True
             twin.shared_blocks = SharedBlocks(block_bytes=self._largest_batch_bytes())
         return twin
+
+    @property
+    def transit_blocks(self) -> int:
+        """Float batches each worker keeps in shared memory (RAM) besides those in flight: the
+        blocks of `float_transit` "blocks" (0 otherwise; the uint8 blocks hold less than the
+        ``prefetch_factor`` float batches a plan already counts)."""
+        return self.shared_blocks.blocks if self.float_in_blocks else 0
 
     def _largest_batch_bytes(self) -> int:
         """Bytes of the largest uint8 image batch its buckets and batch sizes make."""
@@ -279,7 +307,7 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         The loader calls this in the main process for each batch; other batches pass unchanged.
         A pinned batch (``pin_memory``) gets a pinned result.
         """
-        if not (self.small_in_transit or self.uint8_in_transit) or not isinstance(batch, dict):
+        if not self.small_in_transit or not isinstance(batch, dict):
             return batch
         if self.small_in_transit:
             pinned = _is_pinned(batch)
@@ -287,6 +315,14 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 if isinstance(value, _Inline):
                     tensor = torch.from_numpy(value.array)
                     batch[key] = tensor.pin_memory() if pinned else tensor.clone()
+        if self.float_in_blocks:
+            for key in ("images", "conditioning_images"):
+                value = batch.get(key)
+                if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+                    lent = self.arrived.lend(value)  # its block goes back when the loop drops it
+                    if lent is not None:
+                        batch[key] = lent
+            return batch
         if not self.uint8_in_transit:
             return batch
         for key in ("images", "conditioning_images"):
@@ -381,7 +417,7 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             samples,
             float_images=self.output == "float" and not self.uint8_in_transit,
             buffers=self.buffers,
-            shared=self.shared_blocks if self.uint8_in_transit else None,
+            shared=self.shared_blocks if self.uint8_in_transit or self.float_in_blocks else None,
         )
         if self.text is not None:  # cached text-encoder outputs of the final captions
             batch |= self.text.collate(batch["captions"])
