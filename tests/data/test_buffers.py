@@ -305,3 +305,23 @@ def test_float_blocks_fall_back_to_uint8_without_room_or_order(
     twin = ds.for_workers()
     assert twin.uint8_in_transit and not twin.float_in_blocks
     assert ds.for_workers().arrive(ds[0]) is not None
+
+
+def test_pinned_batches_cross_as_uint8(tmp_path: Path) -> None:
+    """torch's pin thread copies a batch before `arrive` sees it, so lent blocks would never
+    come back: with pin_memory the loader's workers send uint8 (no CUDA here: the loader is
+    built, not iterated)."""
+    import dataclasses
+
+    from stoker.loader.build import build_loader
+    from stoker.plan import LoaderRequest
+    from stoker.planning import plan_request
+
+    write_images(tmp_path, 2)
+    ds = stoker.load_dataset(tmp_path, resolution=512, batch_size=2, progress=None)
+    plan = plan_request(LoaderRequest(workers=2), budget=2, warn=False)
+    plain = build_loader(ds, dataclasses.replace(plan, pin_memory=False), seed=0, monitor=False)
+    pinned = build_loader(ds, dataclasses.replace(plan, pin_memory=True), seed=0, monitor=False)
+    assert plain.dataset.float_in_blocks == ds.for_workers().float_in_blocks
+    assert pinned.dataset.uint8_in_transit and not pinned.dataset.float_in_blocks
+    assert pinned.pin_memory and ds.float_transit == "blocks"  # the user's dataset is unchanged

@@ -424,7 +424,16 @@ def build_loader(
         kwargs.setdefault("collate_fn", dataset.collate_fn)
         batch_size, shuffle = 1, False
         if plan.num_workers > 0:
+            if plan.pin_memory and getattr(dataset, "float_transit", None) == "blocks":
+                # torch's pin thread copies each batch before `arrive` sees it, so blocks lent
+                # to the loop would never come back: float batches cross as uint8 instead
+                dataset = dataset.with_seed(seed)
+                dataset.float_transit = "uint8"
             dataset = dataset.for_workers()  # e.g. float batches cross the queue as uint8
+            deeper = (plan.prefetch_factor or 2) - 2
+            if getattr(dataset, "float_in_blocks", False) and deeper > 0:
+                # blocks for the deeper queue too, besides the loop's share (FLOAT_BLOCKS)
+                dataset.shared_blocks.blocks += deeper
     loader = StokerLoader(
         dataset,
         batch_size=batch_size,
