@@ -11,7 +11,8 @@ It builds a deterministic synthetic dataset once (cached under ``benchmarks/out/
    where stoker's time goes;
 2a. scaling: loader images/s at 0, 1, 2 and budget workers against one process x workers, runs
    interleaved, and 2 workers in the earlier arrangements beside them (float batches through the
-   worker queue; uint8 in fresh memory; uint8 in reused blocks converted in the main process),
+   worker queue; uint8 in fresh memory; uint8 in reused blocks converted in the main process)
+   and two candidates (prefetch_factor 4; each batch to the worker with the least work),
    with the CPU ms per image of whole epochs (main process and workers, and the main's share);
 2. loader throughput for 0 ... budget+2 workers, fork and spawn, and time to first batch;
 3. the gap at an epoch boundary with and without persistent workers;
@@ -451,6 +452,12 @@ class ConvertedInMain(stoker.StokerDataset):
     float_transit = "uint8"
 
 
+class LeastWork(stoker.StokerDataset):
+    """Each batch to the worker with the least source pixels outstanding (issue #11, session 3)."""
+
+    dispatch = "least work"
+
+
 def section_scaling(
     config: Path, *, budget: int, batches: int, repeats: int
 ) -> tuple[BenchReport, dict[str, Any]]:
@@ -474,6 +481,9 @@ def section_scaling(
     # Batches cost unevenly (0.3 to 12 MP sources) and torch hands them to workers in turn and
     # returns them in order, so one worker waits for the other; a deeper queue evens that out.
     settings.append((2, f"{DEEPER} (not the default)", ds))
+    least = object.__new__(LeastWork)
+    least.__dict__.update(ds.__dict__)
+    settings.append((2, "least-work hand-out (not the default)", least))
     runs: dict[str, list[float]] = {}
     kept: dict[str, list[Any]] = {}
     for _ in range(repeats):

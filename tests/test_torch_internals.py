@@ -6,7 +6,9 @@ degrades to plain DataLoader behaviour with one warning, which the last tests ch
 
 from __future__ import annotations
 
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +133,55 @@ def test_dataloader_draws_from_index_sampler_which_a_subclass_can_override():
     loader = Evens(list(range(4)), batch_sampler=[[0], [1], [2], [3]])
     assert len(loader) == 2
     assert [int(b[0]) for b in loader] == [0, 2]
+
+
+class WhoMadeIt(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Items that say which worker made them; item 4 waits until ``go`` exists."""
+
+    def __init__(self, go: Path) -> None:
+        self.go = go
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        assert info is not None
+        deadline = time.monotonic() + 60
+        while i == 4 and not self.go.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return i, info.id
+
+
+@pytest.mark.slow
+def test_batches_go_to_the_worker_with_the_least_work_and_return_in_order(tmp_path: Path):
+    """Items 0 to 3 went out in turn before the switch. Item 4 costs 100 (the rest 1) and goes
+    to worker 0 (a tie at 0); it cannot return before item 3 was handed out, so when item 2 is
+    received worker 0 still has it outstanding and item 6 goes to worker 1, where torch's turn
+    would give it to worker 0. The items come back in order all the same."""
+    go = tmp_path / "go"
+    loader = DataLoader(
+        WhoMadeIt(go), batch_size=None, num_workers=2, multiprocessing_context="fork"
+    )
+    inner = iter(loader)
+    got = []
+    try:
+        assert set(torch_internals.DISPATCH_MEMBERS) <= set(dir(inner))  # the canary
+        assert torch_internals.dispatch_by_work(inner, lambda i: 100.0 if i == 4 else 1.0)
+        for item in inner:
+            got.append(item)
+            if item[0] == 3:  # items 4 to 7 were asked for: let item 4 finish
+                go.touch()
+    finally:
+        torch_internals.shutdown_workers(inner)
+    assert [i for i, _ in got] == list(range(12))  # the same items, in order
+    workers = dict(got)
+    assert [workers[i] for i in range(5)] == [0, 1, 0, 1, 0]
+    assert workers[6] == 1
+    assert not torch_internals.dispatch_by_work(iter(Squares()), len)  # not torch's iterator
+    unordered = DataLoader(Squares(), num_workers=1, in_order=False, multiprocessing_context="fork")
+    inner = iter(unordered)
+    try:
+        assert not torch_internals.dispatch_by_work(inner, len)  # its own hand-out is left alone
+    finally:
+        torch_internals.shutdown_workers(inner)

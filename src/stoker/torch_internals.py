@@ -35,6 +35,7 @@ or retypes one of them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -151,6 +152,70 @@ def stop_asking(inner: Any) -> bool:
         _degraded("_sampler_iter", "a quiet early stop of spawned workers")
         return False
     inner._sampler_iter = iter(())
+    return True
+
+
+# Members the least-work hand-out replaces or uses (`dispatch_by_work`).
+DISPATCH_MEMBERS = (
+    "_try_put_index",
+    "_next_index",
+    "_workers_status",
+    "_index_queues",
+    "_task_info",
+    "_workers_num_tasks",
+    "_tasks_outstanding",
+    "_send_idx",
+    "_prefetch_factor",
+    "_num_workers",
+    "_in_order",
+)
+
+
+def dispatch_by_work(inner: Any, cost: Callable[[Any], float]) -> bool:
+    """Hand each next batch to the worker with the least work outstanding (the sum of ``cost``
+    of the indices it was sent and has not returned) instead of torch's strict turn; the batches,
+    and the order they are returned in, stay the same. ``False`` (nothing changed) for anything
+    but torch's in-order multi-process iterator, or when this torch lacks a member it needs.
+
+    Why: torch gives batch k to worker k mod n and returns batches in order, so when batches
+    cost unevenly the worker with the cheap ones finishes its few and waits (issue #11).
+    """
+    if not _multiprocess(inner) or getattr(inner, "_in_order", None) is not True:
+        return False
+    if getattr(inner, "_stoker_dispatch", False):
+        return True
+    for member in DISPATCH_MEMBERS:
+        if not hasattr(inner, member):
+            _degraded(member, "handing batches to the least busy worker")
+            return False
+    costs: dict[int, float] = {}
+
+    def try_put_index() -> None:  # torch's _try_put_index, with the worker chosen by work
+        if inner._tasks_outstanding >= inner._prefetch_factor * inner._num_workers:
+            raise AssertionError("Number of outstanding tasks exceeded maximum allowed tasks")
+        try:
+            index = inner._next_index()
+        except StopIteration:
+            return
+        work = {w: 0.0 for w, up in enumerate(inner._workers_status) if up}
+        if not work:
+            return
+        for sent in [k for k in costs if k not in inner._task_info]:
+            del costs[sent]
+        for sent, info in inner._task_info.items():
+            if len(info) == 1 and info[0] in work:  # asked for, not returned
+                work[info[0]] += costs.get(sent, 0.0)
+        worker = min(work, key=lambda w: (work[w], w))
+        sent = inner._send_idx
+        inner._index_queues[worker].put((sent, index))
+        inner._task_info[sent] = (worker,)
+        costs[sent] = float(cost(index))
+        inner._workers_num_tasks[worker] += 1
+        inner._tasks_outstanding += 1
+        inner._send_idx += 1
+
+    inner._try_put_index = try_put_index
+    inner._stoker_dispatch = True
     return True
 
 

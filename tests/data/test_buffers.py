@@ -325,3 +325,29 @@ def test_pinned_batches_cross_as_uint8(tmp_path: Path) -> None:
     assert plain.dataset.float_in_blocks == ds.for_workers().float_in_blocks
     assert pinned.dataset.uint8_in_transit and not pinned.dataset.float_in_blocks
     assert pinned.pin_memory and ds.float_transit == "blocks"  # the user's dataset is unchanged
+
+
+@pytest.mark.slow
+def test_least_work_dispatch_sends_the_same_batches(tmp_path: Path) -> None:
+    """Batches handed to the worker with the least work (`StokerDataset.dispatch`) are the same
+    batches, in the same order, as those made in the main process, over three epochs."""
+    write_images(tmp_path, 12)
+    ds = stoker.load_dataset(tmp_path, resolution=512, batch_size=2, progress=None)
+    in_process = stoker.make_loader(ds, seed=4, shuffle=True, workers=0, monitor=False)
+    expected = [batch for _ in range(3) for batch in in_process]
+    ds.dispatch = "least work"  # type: ignore[assignment]
+    keys = [tuple(k) for k in next(iter(ds.make_batch_sampler(seed=0, shuffle=False)))]
+    assert ds.batch_cost(keys) == sum(
+        float(ds.catalog.widths[k[2]]) * float(ds.catalog.heights[k[2]]) + 1e6 for k in keys
+    )
+    loader = stoker.make_loader(ds, seed=4, shuffle=True, workers=2, persistent=True, monitor=False)
+    got = []
+    for _ in range(3):
+        for batch in loader:
+            got.append(batch)
+            assert getattr(loader._live(), "_stoker_dispatch", False)
+    assert len(got) == len(expected) == 18
+    for mine, theirs in zip(got, expected, strict=True):
+        assert mine["image_keys"] == theirs["image_keys"]
+        assert torch.equal(mine["images"], theirs["images"])
+        assert torch.equal(mine["crop_top_lefts"], theirs["crop_top_lefts"])

@@ -181,6 +181,10 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     # elsewhere "uint8"); "uint8", a quarter of the bytes, converted in the main process.
     # Measured in issue #11 (docs/performance.md, 2a).
     float_transit: Literal["blocks", "uint8"] = "blocks"
+    # Which worker makes each batch: "in turn" (torch's own: batch k to worker k mod n) or
+    # "least work" (the worker with the fewest source pixels outstanding, by `batch_cost`; the
+    # same batches in the same order). Measured in issue #11 (docs/performance.md, 2a).
+    dispatch: Literal["in turn", "least work"] = "in turn"
 
     def __init__(
         self,
@@ -285,6 +289,13 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             twin.uint8_in_transit = True
             twin.shared_blocks = SharedBlocks(block_bytes=self._largest_batch_bytes())
         return twin
+
+    def batch_cost(self, keys: Sequence[Any]) -> float:
+        """An estimate of the work of one batch of its sampler: its images' source pixels, plus
+        a megapixel each for resizing, cropping and converting (for `dispatch`)."""
+        images = np.array([int(key[2]) for key in keys], dtype=np.int64)
+        pixels = self.catalog.widths[images].astype(np.float64) * self.catalog.heights[images]
+        return float(pixels.sum()) + 1e6 * len(images)
 
     @property
     def transit_blocks(self) -> int:

@@ -248,6 +248,9 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
         """Torch's iterator for this epoch (or the rest of it, after a live-tuning switch)."""
         inner = super().__iter__()
         torch_internals.unwatch_worker_exits(inner)
+        cost = getattr(self.dataset, "batch_cost", None)
+        if getattr(self.dataset, "dispatch", None) == "least work" and callable(cost):
+            torch_internals.dispatch_by_work(inner, cost)
         # A weak reference: a loop that breaks early must not keep the workers alive.
         self._live = weakref.ref(inner)
         return inner
