@@ -11,8 +11,9 @@ It builds a deterministic synthetic dataset once (cached under ``benchmarks/out/
    where stoker's time goes;
 2a. scaling: loader images/s at 0, 1, 2 and budget workers against one process x workers, runs
    interleaved, and 2 workers in the earlier arrangements beside them (float batches through the
-   worker queue; uint8 in fresh memory; uint8 in reused blocks converted in the main process)
-   and two candidates (prefetch_factor 4; each batch to the worker with the least work),
+   worker queue; uint8 in fresh memory; uint8 in reused blocks converted in the main process;
+   float blocks handed out in turn, before session 3's least-work hand-out) and a candidate
+   (prefetch_factor 4),
    with the CPU ms per image of whole epochs (main process and workers, and the main's share);
 2. loader throughput for 0 ... budget+2 workers, fork and spawn, and time to first batch;
 3. the gap at an epoch boundary with and without persistent workers;
@@ -426,6 +427,8 @@ def section_loader(config: Path, *, budget: int, batches: int, repeats: int, qui
 class FloatThroughTheQueue(stoker.StokerDataset):
     """The dataset as before issue #11: workers send float batches (4x the bytes of uint8)."""
 
+    dispatch = "in turn"
+
     def for_workers(self) -> stoker.StokerDataset:
         return self
 
@@ -434,6 +437,9 @@ class FreshMemory(stoker.StokerDataset):
     """As after issue #11's first session: uint8 through the queue, but every batch in fresh
     memory (new shared segments, a new float batch in the main process) and each small tensor in
     its own shared segment."""
+
+    float_transit = "uint8"
+    dispatch = "in turn"
 
     def for_workers(self) -> stoker.StokerDataset:
         from stoker.data.buffers import BatchBuffers, SharedBlocks
@@ -450,12 +456,14 @@ class ConvertedInMain(stoker.StokerDataset):
     blocks and the main process converts them to float (``float_transit = "uint8"``)."""
 
     float_transit = "uint8"
+    dispatch = "in turn"
 
 
-class LeastWork(stoker.StokerDataset):
-    """Each batch to the worker with the least source pixels outstanding (issue #11, session 3)."""
+class InTurn(stoker.StokerDataset):
+    """Batches handed to workers in turn (torch's own), as before issue #11's session 3; the
+    default now hands each to the worker with the least work outstanding."""
 
-    dispatch = "least work"
+    dispatch = "in turn"
 
 
 def section_scaling(
@@ -481,9 +489,9 @@ def section_scaling(
     # Batches cost unevenly (0.3 to 12 MP sources) and torch hands them to workers in turn and
     # returns them in order, so one worker waits for the other; a deeper queue evens that out.
     settings.append((2, f"{DEEPER} (not the default)", ds))
-    least = object.__new__(LeastWork)
-    least.__dict__.update(ds.__dict__)
-    settings.append((2, "least-work hand-out (not the default)", least))
+    in_turn = object.__new__(InTurn)
+    in_turn.__dict__.update(ds.__dict__)
+    settings.append((2, "float blocks, in turn (#11 session 3 before least work)", in_turn))
     runs: dict[str, list[float]] = {}
     kept: dict[str, list[Any]] = {}
     for _ in range(repeats):

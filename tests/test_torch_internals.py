@@ -185,3 +185,19 @@ def test_batches_go_to_the_worker_with_the_least_work_and_return_in_order(tmp_pa
         assert not torch_internals.dispatch_by_work(inner, len)  # its own hand-out is left alone
     finally:
         torch_internals.shutdown_workers(inner)
+
+
+@pytest.mark.slow
+def test_the_least_work_hand_out_does_not_keep_the_iterator_alive():
+    """A loop that drops the iterator (an interrupted epoch) stops its workers at once."""
+    import weakref
+
+    inner = iter(DataLoader(Squares(), batch_size=2, num_workers=1, multiprocessing_context="fork"))
+    assert torch_internals.dispatch_by_work(inner, len)
+    next(inner)
+    workers = torch_internals.worker_processes(inner)
+    alive = weakref.ref(inner)
+    del inner
+    assert alive() is None  # freed by reference counting, not left for the garbage collector
+    workers[0].join(timeout=10)
+    assert not workers[0].is_alive()

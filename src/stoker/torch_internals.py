@@ -35,6 +35,7 @@ or retypes one of them.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -189,8 +190,14 @@ def dispatch_by_work(inner: Any, cost: Callable[[Any], float]) -> bool:
             _degraded(member, "handing batches to the least busy worker")
             return False
     costs: dict[int, float] = {}
+    # A weak reference: the iterator holds this function, which must not keep the iterator (and
+    # so its workers) alive after the loop dropped it.
+    iterator = weakref.ref(inner)
 
     def try_put_index() -> None:  # torch's _try_put_index, with the worker chosen by work
+        inner = iterator()
+        if inner is None:
+            return
         if inner._tasks_outstanding >= inner._prefetch_factor * inner._num_workers:
             raise AssertionError("Number of outstanding tasks exceeded maximum allowed tasks")
         try:

@@ -181,10 +181,11 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     # elsewhere "uint8"); "uint8", a quarter of the bytes, converted in the main process.
     # Measured in issue #11 (docs/performance.md, 2a).
     float_transit: Literal["blocks", "uint8"] = "blocks"
-    # Which worker makes each batch: "in turn" (torch's own: batch k to worker k mod n) or
-    # "least work" (the worker with the fewest source pixels outstanding, by `batch_cost`; the
-    # same batches in the same order). Measured in issue #11 (docs/performance.md, 2a).
-    dispatch: Literal["in turn", "least work"] = "in turn"
+    # Which worker makes each batch: "least work" (the worker with the fewest source pixels
+    # outstanding, by `batch_cost`; the same batches in the same order) or "in turn" (torch's
+    # own: batch k to worker k mod n, so one worker waits while the other makes a costly one).
+    # Measured in issue #11 (docs/performance.md, 2a).
+    dispatch: Literal["in turn", "least work"] = "least work"
 
     def __init__(
         self,
