@@ -355,6 +355,10 @@ def _separate_processes(config: Path, *, rounds: int, passes: int) -> dict[str, 
     fresh = {s: statistics.median(run["fresh"] for run in runs[s]) for s in runs}
     faults = {s: statistics.median(run["warm_faults_per_image"] for run in runs[s]) for s in runs}
     ref = warm["reference"]
+    by_round = [
+        statistics.median(lo["warm"]) / statistics.median(rf["warm"])
+        for lo, rf in zip(runs["loader"], runs["reference"], strict=True)
+    ]
     return {
         "rounds": rounds,
         "passes": passes,
@@ -365,6 +369,7 @@ def _separate_processes(config: Path, *, rounds: int, passes: int) -> dict[str, 
         "ratio": warm["loader"] / ref,
         "sample_ratio": warm["sample"] / ref,
         "ratio_to_fresh_reference": warm["loader"] / fresh["reference"],
+        "ratio_by_round": by_round,
         "runs": runs,
     }
 
@@ -911,6 +916,8 @@ def _print_per_core(r: dict[str, Any], label: str = f"at resolution {RESOLUTION}
             f"(x{sp['ratio_to_fresh_reference']:.2f} its fresh-process rate, context only); "
             f"sample path x{sp['sample_ratio']:.2f}  (decoder: {r['decoder']})"
         )
+        rounds = ", ".join(f"x{v:.2f}" for v in sp["ratio_by_round"])
+        _say(f"    the loader's ratio round by round (the spread of the figure): {rounds}")
     quality = ", ".join(f"{k} {v:.2f}" for k, v in r["quality"].items())
     _say(f"  against the reference: {quality}")
     zone = ", ".join(f"{k} {v:.3f}" for k, v in r["zone_plate"].items())
