@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from stoker.autotune import Decision, Window
+from stoker.autotune.driver import measurements_of
 from stoker.autotune.edges import WorkerCpu
 from stoker.system.cpu import process_cpu_seconds
 from stoker.system.procfs import parse_stat_cpu_ticks
@@ -62,3 +64,16 @@ def test_worker_cpu_is_a_running_total_across_worker_sets():
     assert reader(loader) == pytest.approx(4.75)
     assert WorkerCpu(read=lambda pid: None)(loader) is None
     assert WorkerCpu()(FakeLoader([])) is None
+
+
+def test_the_measurements_shown_by_plans_and_stoker_tune_carry_the_cpus():
+    read = Window(
+        workers=2, batches=24, samples=24, wait_seconds=0.5, cpu_seconds=0.95, cpu_wall=0.5
+    )
+    unread = Window(workers=1, batches=12, samples=12, wait_seconds=0.5)
+    decision = Decision(workers=2, switch=False, settled=True, reason="r", measured=(unread, read))
+    notes = [m.note for m in measurements_of(decision, 2)]
+    assert notes == [
+        "live: the training loop waited 100%",
+        "live: the training loop waited 100%, the workers used 1.9 CPUs",
+    ]

@@ -93,7 +93,8 @@ def _measurement(window: Window, prefetch_factor: int) -> Measurement:
         samples_per_second=window.samples / window.seconds if window.seconds > 0 else 0.0,
         batches=window.batches,
         first_batch_seconds=0.0,
-        note=f"live: the training loop waited {window.wait_fraction:.0%}",
+        note=f"live: the training loop waited {window.wait_fraction:.0%}"
+        + ("" if window.cpus is None else f", the workers used {window.cpus:.2g} CPUs"),
     )
 
 
