@@ -244,6 +244,9 @@ def decide(
        measuring the candidate just below it (unless that is already measured or none exists).
     3. None keeps up (the loader is the bottleneck): take the best rate, after measuring its
        candidates just above and below; of counts within ``SAME_RATE`` of the best, the fewest.
+       Fewer workers whose processes could not use enough CPU to come within
+       ``FEWER_CEILING`` of the pick's rate (from the CPU its workers used) are not measured,
+       and the reason lists them as not measured.
 
     Only counts in ``windows`` are compared, and the reason names each with its figures.
 
