@@ -131,6 +131,22 @@ def test_only_a_cpu_reading_that_rules_fewer_out_skips_them(cpus, tried):
         assert d.switch and d.workers == tried and "not measured" not in d.reason
 
 
+def test_an_inconclusive_cpu_reading_is_read_again_at_the_same_count_before_trying_fewer():
+    # one window at 2 workers that used 1.1 CPUs (a stretch of large images, say): not enough to
+    # rule 1 worker out, so 2 is measured again first (no switch), and only then 1 is tried
+    once = replace(window(2, 41, 1.0, cpus=1.1), windows=1)
+    d = decide({2: once}, 2, [0, 1, 2])
+    assert not d.switch and not d.settled and d.workers == 2
+    assert "measuring 2 again before trying fewer" in d.reason and counts_named(d.reason) == {2}
+    # the second window read more: now it rules fewer out
+    d = decide({2: once.merge(replace(once, cpu_seconds=2.0 * once.cpu_wall))}, 2, [0, 1, 2])
+    assert d.settled and d.workers == 2 and counts_not_measured(d.reason) == {0, 1}
+    # without a CPU reading, or away from the pick, fewer is tried at once, as before
+    assert decide({2: replace(once, cpu_seconds=None)}, 2, [0, 1, 2]).workers == 1
+    d = decide({2: once, 1: window(1, 20, 1.0)}, 1, [0, 1, 2])
+    assert d.switch and d.workers == 2 and "measuring 2 again" in d.reason
+
+
 def test_a_process_that_used_more_than_one_cpu_raises_the_ceiling():
     # 2 workers used 3.0 CPUs (1.5 each, e.g. a multi-threaded decoder): one such process could
     # reach 1.5/3.0 = 0.5x; with 4 of 4 CPUs used by 4 workers, 3 could reach 0.75x

@@ -31,6 +31,8 @@ and keeps measuring.
   main process alone at 0 workers) using at most what one of the pick's workers did and at least
   a CPU, could reach at most ``FEWER_CEILING`` (85%) of its rate with the same CPU per batch,
   they are not measured: on 2 CPUs, 2 workers that used 1.9 CPUs leave 1 worker at most 0.53x.
+  A reading that does not rule them out is first read again over the running count's second
+  window (no switch).
   The reason says "not measured: 1 worker, 0 workers, since fewer processes cannot use more
   CPU ...". A short run (40 images, 10 epochs, 7.5 s) otherwise paid 8% of its time for the
   1-worker window and two switches (issue 13).

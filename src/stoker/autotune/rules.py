@@ -278,7 +278,7 @@ def decide(
     if keepers:
         decision = _fewest_that_keep_up(solid, keepers[0], allowed, table)
     else:
-        decision = _best_rate(solid, allowed, table)
+        decision = _best_rate(solid, allowed, table, current)
     # Settling on a count other than the one running is a switch too.
     return replace(decision, switch=decision.workers != current)
 
@@ -307,7 +307,7 @@ def _fewest_that_keep_up(
 
 
 def _best_rate(
-    solid: Mapping[int, Window], allowed: Sequence[int], table: tuple[Window, ...]
+    solid: Mapping[int, Window], allowed: Sequence[int], table: tuple[Window, ...], current: int
 ) -> Decision:
     best = max(solid, key=lambda k: solid[k].samples_per_second)
     top = solid[best].samples_per_second
@@ -319,6 +319,24 @@ def _best_rate(
         (neighbours(allowed, pick)[0], "fewer"),
     ):
         if edge is not None and edge not in solid and edge not in ruled_out:
+            mine = solid[pick]
+            if (
+                side == "fewer"
+                and pick == current
+                and mine.cpus is not None
+                and mine.windows < CONFIRM_WINDOWS
+            ):
+                # One window's CPU reading did not rule fewer out; a second window of the count
+                # running costs no switch and reads over other batches.
+                return Decision(
+                    workers=pick,
+                    switch=False,
+                    settled=False,
+                    reason=f"measured {summary}: the training loop waits for data; the CPU its "
+                    f"workers used does not yet rule out fewer; measuring {pick} again before "
+                    f"trying fewer",
+                    measured=table,
+                )
             return Decision(
                 workers=edge,
                 switch=True,
