@@ -487,3 +487,7 @@ def test_benchmark_suite_quick_smoke_run(tmp_path):
     assert {"loader", "epoch_gap", "memory", "scan", "targets"} <= set(results)
     assert results["memory"]["catalog"]["entries"] == 100_000
     assert "Targets:" in done.stdout
+    if "per_core" in results:  # needs OpenCV (the bench extra) for the reference
+        separate = results["per_core"]["separate_processes"]
+        assert set(separate["warm_images_per_cpu_second"]) == {"reference", "loader", "sample"}
+        assert separate["ratio"] > 0 and "own processes (>= 2.5)" in done.stdout

@@ -658,8 +658,11 @@ def _resize_torch(img: np.ndarray, size_wh: tuple[int, int], mode: str) -> np.nd
     """Antialiased resize of a ``uint8`` ``(H, W, C)`` array with torch; a writable ``(h, w, C)`` array.
 
     The array is handed to torch as a channels-last ``(1, C, H, W)`` view, the layout of torch's
-    vectorised ``uint8`` antialiased kernels (3 or 4 channels); the result stays channels-last, so
-    its numpy view is ``(h, w, C)`` again without a copy. Colour and alpha are resized alike
+    vectorised ``uint8`` antialiased kernels (3 or 4 channels). torch 2.13 returns the result
+    planar (contiguous ``(1, C, h, w)``; its kernel packs it so), and the ``(h, w, C)`` numpy view
+    returned is a transposed view of it without a copy, whose colour planes have contiguous rows
+    for the float conversion. (Decoding to 4 channels, RGBX, to spare torch its 3-to-4-channel
+    unpacking was measured: no faster.) Colour and alpha are resized alike
     (straight alpha, as OpenCV does). The result is deterministic for any thread count: each output
     pixel is one fixed weighted sum.
     """
