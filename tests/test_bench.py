@@ -488,6 +488,9 @@ def test_benchmark_suite_quick_smoke_run(tmp_path):
     assert results["memory"]["catalog"]["entries"] == 100_000
     assert "Targets:" in done.stdout
     if "per_core" in results:  # needs OpenCV (the bench extra) for the reference
-        separate = results["per_core"]["separate_processes"]
-        assert set(separate["warm_images_per_cpu_second"]) == {"reference", "loader", "sample"}
-        assert separate["ratio"] > 0 and "own processes (>= 2.5)" in done.stdout
+        for key in ("separate_processes", "separate_processes_jpeg_only"):
+            separate = results["per_core"][key]
+            assert set(separate["warm_images_per_cpu_second"]) == {"reference", "loader", "sample"}
+            assert separate["ratio"] > 0
+        assert "JPEG-only set (>= 2.5)" in done.stdout
+        assert "its JPEGs only (the issue's set)" in done.stdout
