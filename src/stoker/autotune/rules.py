@@ -47,8 +47,8 @@ CONTENDER = 0.85
 CONFIRM_WINDOWS = 2
 # Loader-bound: a count below the pick is not measured when its processes could not use more
 # than this share of the CPU the pick's workers used (one process per worker, or the main
-# process alone at 0 workers; a process uses at most what the busiest of the pick's workers did,
-# and at least one CPU). Below CONTENDER, so that a count whose batches cost up to 12% less CPU
+# process alone at 0 workers; a process uses at most what one of the pick's workers used on
+# average, and at least one CPU). Below CONTENDER, so that a count whose batches cost up to 12% less CPU
 # (less contention with fewer processes) would still fall short of the pick by more than 3%.
 FEWER_CEILING = CONTENDER
 MIN_BATCHES = 12
