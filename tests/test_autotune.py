@@ -22,8 +22,11 @@ from stoker.autotune import (
 from stoker.autotune.rules import missing_evidence, neighbours
 
 
-def window(workers: int, rate: float, wait: float, batches: int = 40) -> Window:
-    """``batches`` at ``rate`` batches/s where the loop waited ``wait`` of the time."""
+def window(
+    workers: int, rate: float, wait: float, batches: int = 40, cpus: float | None = None
+) -> Window:
+    """``batches`` at ``rate`` batches/s where the loop waited ``wait`` of the time (and, given
+    ``cpus``, the workers used that many CPUs throughout)."""
     seconds = batches / rate
     return Window(
         workers=workers,
@@ -32,11 +35,26 @@ def window(workers: int, rate: float, wait: float, batches: int = 40) -> Window:
         windows=2,  # confirmed: measured at two different times
         wait_seconds=seconds * wait,
         step_seconds=seconds * (1 - wait),
+        cpu_seconds=None if cpus is None else cpus * seconds,
+        cpu_wall=0.0 if cpus is None else seconds,
     )
 
 
+NOT_MEASURED = re.compile(r"not measured: ((?:\d+ workers?(?:, )?)+)")
+
+
 def counts_named(reason: str) -> set[int]:
-    return {int(n) for n in re.findall(r"(\d+) workers?\b", reason)}
+    """Counts a reason names as measured (those it lists as "not measured: ..." left out)."""
+    return {int(n) for n in re.findall(r"(\d+) workers?\b", _measured_part(reason))}
+
+
+def counts_not_measured(reason: str) -> set[int]:
+    found = NOT_MEASURED.search(reason)
+    return {int(n) for n in re.findall(r"(\d+) workers?", found.group(1))} if found else set()
+
+
+def _measured_part(reason: str) -> str:
+    return reason.split("; not measured: ")[0]
 
 
 # --- decide: tables ------------------------------------------------------------------------------
@@ -79,6 +97,71 @@ def test_decision_table(table, current, expected, settled, words):
     assert d.workers == expected and d.settled is settled and d.switch is (expected != current)
     assert words in d.reason
     assert counts_named(d.reason) <= set(table) | {expected}
+
+
+def test_fewer_workers_that_cannot_use_more_cpu_are_not_measured():
+    # Loader-bound at 2 workers whose processes used 1.9 of 2 CPUs: 1 worker (one process) could
+    # reach at most 1/1.9 = 0.53x the rate, 0 workers (the main process alone) as much: neither
+    # can come within 3%, so the tuner settles on 2 without paying for their windows.
+    d = decide({2: window(2, 41, 1.0, cpus=1.9)}, 2, [0, 1, 2])
+    assert d.settled and not d.switch and d.workers == 2
+    assert "2 workers delivers the most" in d.reason
+    assert "not measured: 1 worker, 0 workers" in d.reason and "at most 0.53x" in d.reason
+    assert "the workers used 1.9 CPUs" in d.reason
+    assert counts_named(d.reason) == {2} and counts_not_measured(d.reason) == {0, 1}
+    # the same count measured once only: measured again before it settles (no switch)
+    once = replace(window(2, 41, 1.0, cpus=1.9), windows=1)
+    d = decide({2: once}, 2, [0, 1, 2])
+    assert not d.settled and not d.switch and "measuring 2 again" in d.reason
+
+
+@pytest.mark.parametrize(
+    ("cpus", "tried"),
+    [
+        (None, 1),  # nothing read: measure as before
+        (1.1, 1),  # one process could reach 1/1.1 = 0.91x: it might come within 3%, measure it
+        (1.2, None),  # 0.83x at most: not measured
+    ],
+)
+def test_only_a_cpu_reading_that_rules_fewer_out_skips_them(cpus, tried):
+    d = decide({2: window(2, 41, 1.0, cpus=cpus)}, 2, [0, 1, 2])
+    if tried is None:
+        assert d.settled and d.workers == 2 and "not measured: 1 worker, 0 workers" in d.reason
+    else:
+        assert d.switch and d.workers == tried and "not measured" not in d.reason
+
+
+def test_an_inconclusive_cpu_reading_is_read_again_at_the_same_count_before_trying_fewer():
+    # one window at 2 workers that used 1.1 CPUs (a stretch of large images, say): not enough to
+    # rule 1 worker out, so 2 is measured again first (no switch), and only then 1 is tried
+    once = replace(window(2, 41, 1.0, cpus=1.1), windows=1)
+    d = decide({2: once}, 2, [0, 1, 2])
+    assert not d.switch and not d.settled and d.workers == 2
+    assert "measuring 2 again before trying fewer" in d.reason and counts_named(d.reason) == {2}
+    # the second window read more: now it rules fewer out
+    d = decide({2: once.merge(replace(once, cpu_seconds=2.0 * once.cpu_wall))}, 2, [0, 1, 2])
+    assert d.settled and d.workers == 2 and counts_not_measured(d.reason) == {0, 1}
+    # without a CPU reading, or away from the pick, fewer is tried at once, as before
+    assert decide({2: replace(once, cpu_seconds=None)}, 2, [0, 1, 2]).workers == 1
+    d = decide({2: once, 1: window(1, 20, 1.0)}, 1, [0, 1, 2])
+    assert d.switch and d.workers == 2 and "measuring 2 again" in d.reason
+
+
+def test_a_process_that_used_more_than_one_cpu_raises_the_ceiling():
+    # 2 workers used 3.0 CPUs (1.5 each, e.g. a multi-threaded decoder): one such process could
+    # reach 1.5/3.0 = 0.5x; with 4 of 4 CPUs used by 4 workers, 3 could reach 0.75x
+    d = decide({2: window(2, 41, 1.0, cpus=3.0)}, 2, [0, 1, 2])
+    assert d.settled and "at most 0.50x" in d.reason
+    d = decide({4: window(4, 41, 1.0, cpus=4.0)}, 4, [0, 1, 2, 3, 4])
+    assert d.settled and "not measured: 3 workers, 2 workers, 1 worker, 0 workers" in d.reason
+    # a measured count below is not "not measured"; the ones below it still can be
+    d = decide({4: window(4, 41, 1.0, cpus=4.0), 3: window(3, 30, 1.0, 39)}, 4, [0, 1, 2, 3, 4])
+    assert counts_not_measured(d.reason) == {0, 1, 2} and counts_named(d.reason) == {3, 4}
+
+
+def test_a_consumer_that_keeps_up_still_tries_fewer_whatever_the_cpu():
+    d = decide({2: window(2, 10, 0.0, cpus=1.9)}, 2, [0, 1, 2])
+    assert d.switch and d.workers == 1 and "fewer may too" in d.reason
 
 
 def test_the_fewest_candidate_that_keeps_up_settles_without_a_lower_one():
@@ -124,21 +207,27 @@ def simulate(
     remembered: Remembered | None = None,
     batches: int = 2000,
     noise: float = 0.0,
+    cpus: float | None = None,
 ) -> tuple[LiveTuner, list[Decision]]:
     """Feed the tuner batch timings of a loader whose count k delivers ``capacity[k]`` batches/s
     to a consumer taking 1/consumer_rate s per batch (``None``: a consumer that does nothing).
 
     With workers the loader overlaps the consumer, so the loop waits only where the loader is
-    slower; with 0 workers it loads inside the loop, so every load is waited for.
+    slower; with 0 workers it loads inside the loop, so every load is waited for. ``cpus``: the
+    workers use that many CPUs per worker, at most 2 in all (``None``: not read).
     """
     tuner = LiveTuner(start=start, candidates=sorted(capacity), remembered=remembered)
     decisions = []
+    clock = {"now": 0.0}
     for i in range(batches):
         k = tuner.current
         load = 1 / capacity[k] * (1 + noise * ((i * 7919) % 13 - 6) / 6)
         step = 0.0 if consumer_rate is None else 1 / consumer_rate
         wait = load if k == 0 else max(load - step, 0.0)
-        d = tuner.observe(wait, step, 1)
+        clock["now"] += wait + step
+        used = None if cpus is None else min(cpus * k, 2.0)
+        read = None if used is None else (lambda u=used: u * clock["now"])
+        d = tuner.observe(wait, step, 1, cpu=read)
         if d is not None:
             decisions.append(d)
             if d.switch:
@@ -233,13 +322,15 @@ capacities = st.lists(st.floats(5, 100), min_size=2, max_size=6).map(
 @given(capacities, st.one_of(st.none(), st.floats(1, 150)), st.data())
 def test_never_names_an_unmeasured_count_and_always_settles(capacity, consumer, data):
     start = data.draw(st.sampled_from(sorted(capacity)))
-    tuner, decisions = simulate(capacity, consumer, start=start, batches=3000)
+    cpus = data.draw(st.one_of(st.none(), st.floats(0.1, 12)))
+    tuner, decisions = simulate(capacity, consumer, start=start, batches=3000, cpus=cpus)
     assert tuner.settled
     for d in decisions:
         measured = {w.workers for w in d.measured}
         assert counts_named(d.reason) <= measured | {d.workers, tuner.current} | (
             {d.workers} if d.switch else set()
         )
+        assert not counts_not_measured(d.reason) & measured
 
 
 @given(capacities, st.floats(1, 150))
@@ -258,7 +349,39 @@ def test_the_settled_count_keeps_up_when_any_count_can(capacity, consumer):
 def test_describe_names_the_count_rate_wait_and_batches():
     w = Window(workers=2, batches=10, samples=20, wait_seconds=1.0)
     assert w.describe() == "2 workers 10 batches/s, waited 100% (10 batches)"
-    assert w.samples_per_second == 20.0
+    assert w.samples_per_second == 20.0 and w.cpus is None
+    w = replace(w, cpu_seconds=0.95, cpu_wall=0.5)
+    assert (
+        w.describe()
+        == "2 workers 10 batches/s, waited 100% (10 batches, the workers used 1.9 CPUs)"
+    )
+
+
+def test_a_window_keeps_the_cpu_read_between_its_first_and_last_batch():
+    readings = iter([10.0, 11.9])  # CPU seconds used by the workers so far: at open, at close
+    tuner = LiveTuner(start=2, candidates=[0, 1, 2])
+    for _ in range(2):  # the first round, not timed: nothing read
+        tuner.observe(0.1, 0.0, 1, cpu=lambda: pytest.fail("read during the warm-up"))
+    decision = None
+    while decision is None:
+        decision = tuner.observe(0.1, 0.0, 1, cpu=lambda: next(readings))
+    w = tuner.windows[2]
+    # read after the first batch (0.1 s in) and after the last: 1.9 CPU s over the 11 batches between
+    assert w.batches == 12 and w.cpu_seconds == pytest.approx(1.9)
+    assert w.cpu_wall == pytest.approx(1.1) and w.cpus == pytest.approx(1.9 / 1.1)
+    # merged with a second window that was not read: the reading stays, over its own seconds
+    assert w.merge(replace(w, cpu_seconds=None, cpu_wall=0.0)).cpus == pytest.approx(1.9 / 1.1)
+    assert w.merge(w).cpus == pytest.approx(1.9 / 1.1)
+
+
+def test_with_cpu_readings_the_loader_bound_search_skips_what_cannot_win():
+    # the issue's sweep again, with the 2 workers using 1.9 CPUs: no switch at all
+    tuner, decisions = simulate({0: 23.7, 1: 21.0, 2: 33.3}, None, start=2, cpus=0.95)
+    assert tuner.settled and tuner.current == 2 and not any(d.switch for d in decisions)
+    assert counts_not_measured(tuner.decision.reason) == {0, 1}
+    # a consumer that 1 worker keeps up with is still found
+    tuner, _ = simulate({0: 20.0, 1: 22.0, 2: 33.0}, 5.0, start=2, cpus=0.95)
+    assert tuner.settled and tuner.current == 1
 
 
 def test_the_burst_loaded_during_a_hand_over_is_not_timed():

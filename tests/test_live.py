@@ -183,11 +183,16 @@ class ScriptedConsumer:
     trains for ``step`` seconds. The loader reads the clock once when the loop asks and once when
     the batch is there; a read that ends an epoch (the iterator is empty) is an ask without a
     batch, and the next epoch asks again at the same time.
+
+    ``cpus``: the CPUs each worker count's processes use, on the same clock (the tuner reads
+    their running total through ``LiveTuning.cpu_use``); ``None``: not read.
     """
 
-    def __init__(self, wait: dict[int, float], step: float) -> None:
-        self.wait, self.step = wait, step
-        self.now, self.reads = 0.0, 0
+    def __init__(
+        self, wait: dict[int, float], step: float, cpus: dict[int, float] | None = None
+    ) -> None:
+        self.wait, self.step, self.cpus = wait, step, cpus
+        self.now, self.reads, self.cpu_seconds = 0.0, 0, 0.0
         self.loader = None
 
     def clock(self) -> float:
@@ -199,7 +204,12 @@ class ScriptedConsumer:
     def loader_for(self, ds, **options):
         monitor = stoker.InputMonitor(clock=self.clock, threshold=0.5)
         self.loader = make_loader(ds, monitor=monitor, **options)
+        if self.loader._tuning is not None:
+            self.loader._tuning.cpu_use = None if self.cpus is None else self.cpu_use
         return self.loader
+
+    def cpu_use(self, loader) -> float:
+        return self.cpu_seconds
 
     def epochs(self, count: int) -> list:
         got = []
@@ -207,7 +217,10 @@ class ScriptedConsumer:
             self.reads = 0
             for batch in self.loader:
                 got.append(_fingerprint(batch))
-                self.now += self.wait[self.loader.num_workers] + self.step
+                spent = self.wait[self.loader.num_workers] + self.step
+                self.now += spent
+                if self.cpus is not None:
+                    self.cpu_seconds += self.cpus.get(self.loader.num_workers, 0.0) * spent
                 self.reads = 0
         return got
 
@@ -259,6 +272,36 @@ def test_auto_tunes_live_and_remembers(dataset, tmp_path, monkeypatch):
     assert "the remembered choice did not hold live" in third.stats().switches[0].reason
     assert third._tuning.tuner.settled and third._tuning.tuner.decision.workers == 2
     assert "1 worker did not" in third._tuning.reason
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("cpus", "switches"),
+    [
+        # the 2 workers used 1.9 of 2 CPUs: 1 worker cannot deliver more; no window at 1
+        ({1: 1.0, 2: 1.9}, []),
+        # they used 1.1 CPUs (the machine is busy with something else): 1 worker is measured
+        ({1: 1.0, 2: 1.1}, [(2, 1), (1, 2)]),
+    ],
+)
+def test_a_loader_bound_run_skips_counts_that_cannot_use_more_cpu(dataset, cpus, switches):
+    # no training step: the loop always waits; 2 workers deliver a batch every 50 ms, 1 every 90
+    consumer = ScriptedConsumer({0: 0.12, 1: 0.09, 2: 0.05}, step=0.0, cpus=cpus)
+    loader = consumer.loader_for(dataset, seed=2, shuffle=True, workers="auto", budget=2)
+    reference = run_epochs(make_loader(dataset, seed=2, shuffle=True, workers=0, budget=2), 6)
+    assert consumer.epochs(6) == reference
+    stats = loader.stats()
+    assert [(s.from_workers, s.to_workers) for s in stats.switches] == switches
+    decision = loader._tuning.tuner.decision
+    assert decision.settled and decision.workers == 2 == loader.num_workers
+    assert "2 workers delivers the most" in decision.reason
+    if not switches:
+        assert "not measured: 1 worker, 0 workers" in decision.reason
+        assert "the workers used 1.9 CPUs" in decision.reason
+        assert [w.workers for w in decision.measured] == [2]
+    else:
+        assert "not measured" not in decision.reason
+        assert [w.workers for w in decision.measured] == [1, 2]
 
 
 def test_an_explicit_count_is_never_tuned(dataset):

@@ -25,6 +25,17 @@ and keeps measuring.
   the fewest. Before it settles, every count within ``CONTENDER`` (15%) of the best is measured
   in ``CONFIRM_WINDOWS`` (2) windows at different times, merged: on a shared machine one short
   window can be off by more than the difference between two counts.
+- **Fewer workers that cannot use more CPU are not measured.** The tuner reads the CPU time the
+  workers used over each window (``/proc/<pid>/stat``; nothing where that cannot be read). When
+  the loader is the bottleneck at the pick and ``k`` fewer workers, as processes (one each; the
+  main process alone at 0 workers) using at most what one of the pick's workers did and at least
+  a CPU, could reach at most ``FEWER_CEILING`` (85%) of its rate with the same CPU per batch,
+  they are not measured: on 2 CPUs, 2 workers that used 1.9 CPUs leave 1 worker at most 0.53x.
+  A reading that does not rule them out is first read again over the running count's second
+  window (no switch).
+  The reason says "not measured: 1 worker, 0 workers, since fewer processes cannot use more
+  CPU ...". A short run (40 images, 10 epochs, 7.5 s) otherwise paid 8% of its time for the
+  1-worker window and two switches (issue 13).
 - Counts never measured are never compared: each reason lists exactly the counts measured, with
   batches/s, the wait and the number of batches.
 
@@ -48,6 +59,7 @@ from stoker.autotune.live import MAX_REOPENINGS, LiveTuner, Remembered
 from stoker.autotune.rules import (
     CONFIRM_WINDOWS,
     CONTENDER,
+    FEWER_CEILING,
     KEEP_UP_WAIT,
     REOPEN_WAIT,
     SAME_RATE,
@@ -61,6 +73,7 @@ from stoker.autotune.rules import (
 __all__ = [
     "CONFIRM_WINDOWS",
     "CONTENDER",
+    "FEWER_CEILING",
     "KEEP_UP_WAIT",
     "MAX_REOPENINGS",
     "REOPEN_WAIT",

@@ -39,6 +39,9 @@ MemoryCap = Callable[[Any], tuple[int, str] | None]
 """``cap(loader)``: the most workers the memory allows and why, read from the running workers."""
 Remember = Callable[[Decision, bool], None]
 """``remember(decision, keeps_up)``: store a settled choice for the next run."""
+CpuUse = Callable[[Any], float | None]
+"""``cpu_use(loader)``: CPU seconds the loader's workers have used so far (a running total that
+only grows; ``None`` where it cannot be read)."""
 
 
 def live_plan(
@@ -90,7 +93,8 @@ def _measurement(window: Window, prefetch_factor: int) -> Measurement:
         samples_per_second=window.samples / window.seconds if window.seconds > 0 else 0.0,
         batches=window.batches,
         first_batch_seconds=0.0,
-        note=f"live: the training loop waited {window.wait_fraction:.0%}",
+        note=f"live: the training loop waited {window.wait_fraction:.0%}"
+        + ("" if window.cpus is None else f", the workers used {window.cpus:.2g} CPUs"),
     )
 
 
@@ -121,6 +125,7 @@ class LiveTuning:
         remember: stores a settled choice (``None``: not cached).
         memory_cap: reads how many workers fit in memory (``None``: not checked).
         cache_path: the file ``remember`` writes (for reports).
+        cpu_use: reads the workers' CPU time (``None``: not read, so no count is ruled out by it).
     """
 
     def __init__(
@@ -132,6 +137,7 @@ class LiveTuning:
         remember: Remember | None = None,
         memory_cap: MemoryCap | None = None,
         cache_path: str | None = None,
+        cpu_use: CpuUse | None = None,
     ) -> None:
         self.tuner = tuner
         self.request = request
@@ -139,6 +145,7 @@ class LiveTuning:
         self.remember = remember
         self.memory_cap = memory_cap
         self.cache_path = cache_path
+        self.cpu_use = cpu_use
         self.switches: list[Switch] = []
         self.pending: Decision | None = None
         self.draining = False
@@ -160,7 +167,9 @@ class LiveTuning:
         wait, step = self._clock.split(asked, got)
         if self.draining or self.pending is not None:
             return  # batches asked for before the switch: the old count's, not timed
-        decision = self.tuner.observe(wait, step, batch_samples(batch))
+        cpu_use = self.cpu_use
+        read = None if cpu_use is None or loader.num_workers == 0 else (lambda: cpu_use(loader))
+        decision = self.tuner.observe(wait, step, batch_samples(batch), cpu=read)
         if decision is not None:
             decision = self._check_memory(loader) or decision
         if decision is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,12 @@ from stoker.autotune.live import LiveTuner, Remembered
 from stoker.autotune.rules import Decision
 from stoker.data.protocol import BatchingDataset
 from stoker.plan import DEFAULT_MAX_WORKERS, LoaderPlan, LoaderRequest, MeasuredChoice
-from stoker.system.cpu import Budget
+from stoker.system.cpu import Budget, process_cpu_seconds
 from stoker.system.memory import memory_budget, worker_uss_bytes
 from stoker.tune import remember as cache
 from stoker.tune.rules import candidate_workers
 
-__all__ = ["LiveStart", "start_live", "tunes_live"]
+__all__ = ["LiveStart", "WorkerCpu", "start_live", "tunes_live"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +88,7 @@ def start_live(
         remember=slot.write if slot is not None else None,
         memory_cap=_memory_cap,
         cache_path=str(slot.path) if slot is not None else None,
+        cpu_use=WorkerCpu(),
     )
     return LiveStart(plan=live_plan(request, start, tuner.decision, plan_for), tuning=tuning)
 
@@ -168,3 +169,28 @@ def _memory_cap(loader: Any) -> tuple[int, str] | None:
         f"MiB are usable ({memory.source})"
     )
     return int(fit), why
+
+
+class WorkerCpu:
+    """The CPU seconds a loader's worker processes used, as a running total across worker sets.
+
+    Each call reads ``/proc/<pid>/stat`` of the workers running now and adds what each used since
+    the last call (a worker seen for the first time, since it started). A worker that exited
+    between two calls loses its last part: the total can only fall short, which rules out fewer
+    counts, never more. ``None`` when no worker's time can be read (no ``/proc``, no workers).
+    """
+
+    def __init__(self, read: Callable[[int], float | None] = process_cpu_seconds) -> None:
+        self._read = read
+        self._last: dict[int, float] = {}
+        self.total = 0.0
+
+    def __call__(self, loader: Any) -> float | None:
+        pids = loader.worker_pids() if callable(getattr(loader, "worker_pids", None)) else []
+        now = {pid: self._read(pid) for pid in pids}
+        seen = {pid: t for pid, t in now.items() if t is not None}
+        if not seen:
+            return None
+        self.total += sum(max(t - self._last.get(pid, 0.0), 0.0) for pid, t in seen.items())
+        self._last = seen
+        return self.total

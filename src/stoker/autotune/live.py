@@ -9,7 +9,7 @@ choice, the memory cap) is here, so it is tested without workers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from stoker.autotune.rules import (
@@ -78,6 +78,7 @@ class LiveTuner:
         self.reopenings = 0
         self._open = Window(workers=start)
         self._skip = 0
+        self._cpu_open: tuple[float | None, float] | None = None
         self.restarted()
 
     @property
@@ -90,6 +91,7 @@ class LiveTuner:
         after the start, not timed."""
         self._skip = max(self.current if burst is None else burst, 1)
         self._open = Window(workers=self.current)
+        self._cpu_open = None
 
     def switched(self, workers: int, burst: int | None = None) -> None:
         """The loader now runs ``workers``; measure it after the ``burst`` of batches they
@@ -118,10 +120,20 @@ class LiveTuner:
         return self.decision
 
     def observe(
-        self, wait_seconds: float, step_seconds: float, samples: int = 1
+        self,
+        wait_seconds: float,
+        step_seconds: float,
+        samples: int = 1,
+        *,
+        cpu: Callable[[], float | None] | None = None,
     ) -> Decision | None:
         """Record one batch of ``samples``; returns a new decision when a window closes, else
-        ``None``."""
+        ``None``.
+
+        ``cpu`` reads the CPU seconds the running workers have used so far; it is called when a
+        window's first batch is recorded and when the window closes, and the window keeps the
+        difference (``Window.cpu_seconds``) over the seconds between the two calls.
+        """
         if self._skip > 0:
             self._skip -= 1
             return None
@@ -132,10 +144,18 @@ class LiveTuner:
             wait_seconds=max(wait_seconds, 0.0),
             step_seconds=max(step_seconds, 0.0),
         )
-        self._open = batch if self._open.batches == 0 else self._open.add(batch)
+        opening = self._open.batches == 0
+        self._open = batch if opening else self._open.add(batch)
+        if opening and cpu is not None:
+            self._cpu_open = (cpu(), self._open.seconds)
         if missing_evidence(self._open, self.evidence) is not None:
             return None
         closed, self._open = self._open, Window(workers=self.current)
+        began, self._cpu_open = self._cpu_open, None
+        if cpu is not None and began is not None and began[0] is not None:
+            now, wall = cpu(), closed.seconds - began[1]
+            if now is not None and now >= began[0] and wall > 0:
+                closed = replace(closed, cpu_seconds=now - began[0], cpu_wall=wall)
         return self._closed(closed)
 
     def _closed(self, window: Window) -> Decision | None:

@@ -8,7 +8,7 @@ the running loader and says whether to keep measuring, switch to another count, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, replace
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "SAME_RATE",
     "CONFIRM_WINDOWS",
     "CONTENDER",
+    "FEWER_CEILING",
     "Decision",
     "Evidence",
     "Switch",
@@ -44,6 +45,12 @@ SAME_RATE = 0.97
 # one 12-batch window came out 13% above its count's 10-epoch rate (docs/tuning.md).
 CONTENDER = 0.85
 CONFIRM_WINDOWS = 2
+# Loader-bound: a count below the pick is not measured when its processes could not use more
+# than this share of the CPU the pick's workers used (one process per worker, or the main
+# process alone at 0 workers; a process uses at most what one of the pick's workers used on
+# average, and at least one CPU). Below CONTENDER, so that a count whose batches cost up to 12% less CPU
+# (less contention with fewer processes) would still fall short of the pick by more than 3%.
+FEWER_CEILING = CONTENDER
 MIN_BATCHES = 12
 MIN_ROUNDS = 3
 MIN_SECONDS = 0.5
@@ -81,6 +88,9 @@ class Window:
         windows: how many windows were merged into this one (measurements at different times).
         wait_seconds: time the training loop spent blocked on these batches.
         step_seconds: time the training loop spent on its own work between them.
+        cpu_seconds: CPU time the count's worker processes used over ``cpu_wall`` seconds of the
+            window (``None``: not read; 0 workers, or no ``/proc``).
+        cpu_wall: the window's seconds the CPU reading covers.
     """
 
     workers: int
@@ -89,6 +99,15 @@ class Window:
     windows: int = 1
     wait_seconds: float = 0.0
     step_seconds: float = 0.0
+    cpu_seconds: float | None = None
+    cpu_wall: float = 0.0
+
+    @property
+    def cpus(self) -> float | None:
+        """CPUs the workers used on average over the window (``None`` when not read)."""
+        if self.cpu_seconds is None or self.cpu_wall <= 0:
+            return None
+        return self.cpu_seconds / self.cpu_wall
 
     @property
     def seconds(self) -> float:
@@ -117,12 +136,17 @@ class Window:
 
     def add(self, other: Window) -> Window:
         """This window extended by ``other``'s batches (same count, one window)."""
+        both = self.cpu_seconds is not None and other.cpu_seconds is not None
+        cpu = (self.cpu_seconds or 0.0) + (other.cpu_seconds or 0.0) if both else None
+        keep = self if self.cpu_seconds is not None else other
         return replace(
             self,
             batches=self.batches + other.batches,
             samples=self.samples + other.samples,
             wait_seconds=self.wait_seconds + other.wait_seconds,
             step_seconds=self.step_seconds + other.step_seconds,
+            cpu_seconds=cpu if both else keep.cpu_seconds,
+            cpu_wall=self.cpu_wall + other.cpu_wall if both else keep.cpu_wall,
         )
 
     def merge(self, other: Window) -> Window:
@@ -130,10 +154,13 @@ class Window:
         return replace(self.add(other), windows=self.windows + other.windows)
 
     def describe(self) -> str:
-        """``2 workers 41 batches/s, waited 97% (24 batches)``."""
+        """``2 workers 41 batches/s, waited 97% (24 batches)``, and, when read, the CPUs its
+        workers used: ``(24 batches, the workers used 1.9 CPUs)``."""
+        cpus = self.cpus
+        used = "" if cpus is None else f", the workers used {cpus:.2g} CPUs"
         return (
             f"{_workers(self.workers)} {self.batches_per_second:.3g} batches/s, waited "
-            f"{self.wait_fraction:.0%} ({self.batches} batches)"
+            f"{self.wait_fraction:.0%} ({self.batches} batches{used})"
         )
 
 
@@ -217,6 +244,9 @@ def decide(
        measuring the candidate just below it (unless that is already measured or none exists).
     3. None keeps up (the loader is the bottleneck): take the best rate, after measuring its
        candidates just above and below; of counts within ``SAME_RATE`` of the best, the fewest.
+       Fewer workers whose processes could not use enough CPU to come within
+       ``FEWER_CEILING`` of the pick's rate (from the CPU its workers used) are not measured,
+       and the reason lists them as not measured.
 
     Only counts in ``windows`` are compared, and the reason names each with its figures.
 
@@ -248,7 +278,7 @@ def decide(
     if keepers:
         decision = _fewest_that_keep_up(solid, keepers[0], allowed, table)
     else:
-        decision = _best_rate(solid, allowed, table)
+        decision = _best_rate(solid, allowed, table, current)
     # Settling on a count other than the one running is a switch too.
     return replace(decision, switch=decision.workers != current)
 
@@ -277,17 +307,36 @@ def _fewest_that_keep_up(
 
 
 def _best_rate(
-    solid: Mapping[int, Window], allowed: Sequence[int], table: tuple[Window, ...]
+    solid: Mapping[int, Window], allowed: Sequence[int], table: tuple[Window, ...], current: int
 ) -> Decision:
     best = max(solid, key=lambda k: solid[k].samples_per_second)
     top = solid[best].samples_per_second
     pick = min(k for k, w in solid.items() if w.samples_per_second >= SAME_RATE * top)
     summary = _summary(table)
+    ruled_out, ceiling = _cannot_deliver_more(solid[pick], allowed, {w.workers for w in table})
     for edge, side in (
         (neighbours(allowed, best)[1], "more"),
         (neighbours(allowed, pick)[0], "fewer"),
     ):
-        if edge is not None and edge not in solid:
+        if edge is not None and edge not in solid and edge not in ruled_out:
+            mine = solid[pick]
+            if (
+                side == "fewer"
+                and pick == current
+                and mine.cpus is not None
+                and mine.windows < CONFIRM_WINDOWS
+            ):
+                # One window's CPU reading did not rule fewer out; a second window of the count
+                # running costs no switch and reads over other batches.
+                return Decision(
+                    workers=pick,
+                    switch=False,
+                    settled=False,
+                    reason=f"measured {summary}: the training loop waits for data; the CPU its "
+                    f"workers used does not yet rule out fewer; measuring {pick} again before "
+                    f"trying fewer",
+                    measured=table,
+                )
             return Decision(
                 workers=edge,
                 switch=True,
@@ -317,7 +366,44 @@ def _best_rate(
             f"{_workers(pick)} is the fewest within {1 - SAME_RATE:.0%} of the best "
             f"({_workers(best)})"
         )
+    if ruled_out:
+        used = solid[pick].cpus or 0.0
+        why += (
+            f"; not measured: {', '.join(_workers(k) for k in ruled_out)}, since fewer processes "
+            f"cannot use more CPU: the {pick} worker processes used {used:.2g} CPUs, and the "
+            f"{max(ruled_out[0], 1)} process of {_workers(ruled_out[0])} could deliver at most "
+            f"{ceiling:.2f}x their rate"
+        )
     return Decision(workers=pick, switch=False, settled=True, reason=why, measured=table)
+
+
+def _cannot_deliver_more(
+    window: Window, allowed: Sequence[int], measured: Set[int]
+) -> tuple[tuple[int, ...], float]:
+    """The unmeasured counts below ``window``'s that could not use enough CPU to come within
+    ``FEWER_CEILING`` of its rate, most first, and the highest of their ceilings.
+
+    The loader is the bottleneck and ``window.workers`` worker processes used ``window.cpus``
+    CPUs. ``k`` workers are ``k`` processes (0 workers: the main process alone), each using at
+    most what one of these did on average, and at least one CPU; with the same CPU per batch they
+    reach at most ``max(k, 1) * per_process / cpus`` of the rate. Nothing is ruled out without a
+    CPU reading.
+    """
+    cpus = window.cpus
+    if cpus is None or cpus <= 0 or window.workers < 1:
+        return (), 0.0
+    per_process = max(1.0, cpus / window.workers)
+    out: list[int] = []
+    top = 0.0
+    for k in sorted((c for c in allowed if c < window.workers), reverse=True):
+        ceiling = max(k, 1) * per_process / cpus
+        if k in measured:
+            continue
+        if ceiling > FEWER_CEILING:
+            break
+        out.append(k)
+        top = max(top, ceiling)
+    return tuple(out), top
 
 
 def _summary(table: Sequence[Window]) -> str:

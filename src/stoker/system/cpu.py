@@ -35,11 +35,12 @@ from stoker.system.procfs import (
     cgroup_ancestors,
     cgroup_membership,
     cgroup_mounts,
+    parse_stat_cpu_ticks,
     read_text,
     shown,
 )
 
-__all__ = ["Budget", "Limit", "cpu_budget"]
+__all__ = ["Budget", "Limit", "cpu_budget", "process_cpu_seconds"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -377,3 +378,16 @@ def _v1_limits(folders: list[Path], base: Path) -> list[Limit]:
         detail = "no quota (-1)" if cpus is None else f"quota of {cpus:g} CPUs"
         limits.append(Limit(kind="cgroup_v1", cpus=cpus, raw=raw, where=where, detail=detail))
     return limits
+
+
+def process_cpu_seconds(pid: int, proc_root: Path = Path("/proc")) -> float | None:
+    """CPU seconds ``pid`` has used so far (user plus system, from ``/proc/<pid>/stat``), or
+    ``None`` where that cannot be read (no ``/proc``, an exited process, permissions)."""
+    ticks = parse_stat_cpu_ticks(read_text(proc_root / str(pid) / "stat") or "")
+    if ticks is None:
+        return None
+    try:
+        per_second = os.sysconf("SC_CLK_TCK")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return ticks / per_second if per_second > 0 else None

@@ -11,6 +11,7 @@ __all__ = [
     "cgroup_membership",
     "cgroup_mounts",
     "parse_proc_fields",
+    "parse_stat_cpu_ticks",
     "read_text",
     "shown",
 ]
@@ -37,6 +38,17 @@ def parse_proc_fields(text: str) -> dict[str, int]:
             unit = 1024 if len(parts) > 1 and parts[1] == "kB" else 1
             fields[name.strip()] = int(parts[0]) * unit
     return fields
+
+
+def parse_stat_cpu_ticks(text: str) -> int | None:
+    """From ``/proc/<pid>/stat``: the CPU time the process used, user plus system, in clock ticks
+    (fields 14 and 15; the command name in field 2 may hold spaces and parentheses, so fields
+    are counted after its last ``)``). ``None`` when the text is not such a line."""
+    fields = text.rpartition(")")[2].split()
+    # after the name: state (field 3) is fields[0], so utime (14) is fields[11], stime fields[12]
+    if len(fields) < 13 or not fields[11].isdigit() or not fields[12].isdigit():
+        return None
+    return int(fields[11]) + int(fields[12])
 
 
 def cgroup_membership(base: Path) -> tuple[str | None, dict[str, str]]:
