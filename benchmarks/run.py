@@ -13,8 +13,8 @@ It builds a deterministic synthetic dataset once (cached under ``benchmarks/out/
 2a. scaling: loader images/s at 0, 1, 2 and budget workers against one process x workers, runs
    interleaved, and 2 workers in the earlier arrangements beside them (float batches through the
    worker queue; uint8 in fresh memory; uint8 in reused blocks converted in the main process;
-   float blocks handed out in turn, before session 3's least-work hand-out) and a candidate
-   (prefetch_factor 4),
+   float blocks handed out in turn, before session 3's least-work hand-out; uint8 blocks with
+   the least-work hand-out) and a candidate (prefetch_factor 4),
    with the CPU ms per image of whole epochs (main process and workers, and the main's share);
 2. loader throughput for 0 ... budget+2 workers, fork and spawn, and time to first batch;
 3. the gap at an epoch boundary with and without persistent workers;
@@ -579,7 +579,15 @@ class InTurn(stoker.StokerDataset):
     """Batches handed to workers in turn (torch's own), as before issue #11's session 3; the
     default now hands each to the worker with the least work outstanding."""
 
+    float_transit = "blocks"
     dispatch = "in turn"
+
+
+class Uint8LeastWork(stoker.StokerDataset):
+    """uint8 in reused blocks converted in the main process, handed out by least work."""
+
+    float_transit = "uint8"
+    dispatch = "least work"
 
 
 def section_scaling(
@@ -608,6 +616,9 @@ def section_scaling(
     in_turn = object.__new__(InTurn)
     in_turn.__dict__.update(ds.__dict__)
     settings.append((2, "float blocks, in turn (#11 session 3 before least work)", in_turn))
+    uint8_least = object.__new__(Uint8LeastWork)
+    uint8_least.__dict__.update(ds.__dict__)
+    settings.append((2, "uint8 blocks, least work (the other transit)", uint8_least))
     runs: dict[str, list[float]] = {}
     kept: dict[str, list[Any]] = {}
     for _ in range(repeats):
