@@ -575,18 +575,11 @@ class ConvertedInMain(stoker.StokerDataset):
     dispatch = "in turn"
 
 
-class InTurn(stoker.StokerDataset):
-    """Batches handed to workers in turn (torch's own), as before issue #11's session 3; the
-    default now hands each to the worker with the least work outstanding."""
+class FloatBlocksLeastWork(stoker.StokerDataset):
+    """Float written by the workers into reused blocks and lent to the loop as it is, handed out
+    by least work (``float_transit = "blocks"``, the other transit)."""
 
     float_transit = "blocks"
-    dispatch = "in turn"
-
-
-class Uint8LeastWork(stoker.StokerDataset):
-    """uint8 in reused blocks converted in the main process, handed out by least work."""
-
-    float_transit = "uint8"
     dispatch = "least work"
 
 
@@ -613,12 +606,9 @@ def section_scaling(
     # Batches cost unevenly (0.3 to 12 MP sources) and torch hands them to workers in turn and
     # returns them in order, so one worker waits for the other; a deeper queue evens that out.
     settings.append((2, f"{DEEPER} (not the default)", ds))
-    in_turn = object.__new__(InTurn)
-    in_turn.__dict__.update(ds.__dict__)
-    settings.append((2, "float blocks, in turn (#11 session 3 before least work)", in_turn))
-    uint8_least = object.__new__(Uint8LeastWork)
-    uint8_least.__dict__.update(ds.__dict__)
-    settings.append((2, "uint8 blocks, least work (the other transit)", uint8_least))
+    float_blocks = object.__new__(FloatBlocksLeastWork)
+    float_blocks.__dict__.update(ds.__dict__)
+    settings.append((2, "float lent in blocks, least work (the other transit)", float_blocks))
     runs: dict[str, list[float]] = {}
     kept: dict[str, list[Any]] = {}
     for _ in range(repeats):

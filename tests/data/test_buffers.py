@@ -294,6 +294,8 @@ def test_float_blocks_fall_back_to_uint8_without_room_or_order(
 ) -> None:
     write_images(tmp_path, 2)
     ds = stoker.load_dataset(tmp_path, resolution=512, batch_size=2, progress=None)
+    assert ds.float_transit == "uint8" and not ds.for_workers().float_in_blocks  # the default
+    ds.float_transit = "blocks"
     if buffers_module._ORDERED_STORES:
         assert ds.for_workers().float_in_blocks
         assert ds.for_workers().transit_blocks == buffers_module.FLOAT_BLOCKS
@@ -319,6 +321,7 @@ def test_pinned_batches_cross_as_uint8(tmp_path: Path) -> None:
 
     write_images(tmp_path, 2)
     ds = stoker.load_dataset(tmp_path, resolution=512, batch_size=2, progress=None)
+    ds.float_transit = "blocks"
     plan = plan_request(LoaderRequest(workers=2), budget=2, warn=False)
     plain = build_loader(ds, dataclasses.replace(plan, pin_memory=False), seed=0, monitor=False)
     pinned = build_loader(ds, dataclasses.replace(plan, pin_memory=True), seed=0, monitor=False)

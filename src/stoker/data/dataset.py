@@ -176,11 +176,13 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     """
 
     collate_fn = staticmethod(passthrough_collate)
-    # How float batches cross from workers (`for_workers`): "blocks", as float, written once in
-    # the worker into its reused shared-memory blocks that the loop receives as they are (x86-64;
-    # elsewhere "uint8"); "uint8", a quarter of the bytes, converted in the main process.
-    # Measured in issue #11 (docs/performance.md, 2a).
-    float_transit: Literal["blocks", "uint8"] = "blocks"
+    # How float batches cross from workers (`for_workers`): "uint8", a quarter of the bytes, in
+    # each worker's reused shared-memory blocks, converted in the main process; "blocks", as
+    # float, written once in the worker into its reused blocks that the loop receives as they are
+    # (x86-64; elsewhere "uint8"). "blocks" frees the main process (1.3 against 3.6 ms an image)
+    # but ran slower on the quiet 2-CPU machine (x0.78 against x0.86 of 2x one process, both with
+    # "least work"): measured in issue #11 (docs/performance.md, 2a).
+    float_transit: Literal["blocks", "uint8"] = "uint8"
     # Which worker makes each batch: "least work" (the worker with the fewest source pixels
     # outstanding, by `batch_cost`; the same batches in the same order) or "in turn" (torch's
     # own: batch k to worker k mod n, so one worker waits while the other makes a costly one).
