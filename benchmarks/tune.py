@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             fixed = result["fixed_total_seconds"]
             rates = {k: per_epoch * args.epochs / t for k, t in fixed.items()}
             say("  simulated consumers:")
-            result["consumers"] = consumers(dataset, counts[:-1], rates)
+            result["consumers"] = consumers(dataset, counts, rates)
         report["sets"][images] = result
         report["load_after_" + str(images)] = os.getloadavg()[0]
     say("\nSide by side (no consumer; targets: total <= 1.05x, settled >= 0.95x, cost < 2%):")

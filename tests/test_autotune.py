@@ -49,8 +49,12 @@ def counts_named(reason: str) -> set[int]:
 
 
 def counts_not_measured(reason: str) -> set[int]:
-    found = NOT_MEASURED.search(reason)
-    return {int(n) for n in re.findall(r"(\d+) workers?", found.group(1))} if found else set()
+    """Counts a reason lists as not measured (every "not measured: ..." list in it)."""
+    return {
+        int(n)
+        for found in NOT_MEASURED.finditer(reason)
+        for n in re.findall(r"(\d+) workers?", found.group(1))
+    }
 
 
 def _measured_part(reason: str) -> str:
@@ -208,6 +212,7 @@ def simulate(
     batches: int = 2000,
     noise: float = 0.0,
     cpus: float | None = None,
+    cpu_budget: int | None = None,
 ) -> tuple[LiveTuner, list[Decision]]:
     """Feed the tuner batch timings of a loader whose count k delivers ``capacity[k]`` batches/s
     to a consumer taking 1/consumer_rate s per batch (``None``: a consumer that does nothing).
@@ -216,7 +221,9 @@ def simulate(
     slower; with 0 workers it loads inside the loop, so every load is waited for. ``cpus``: the
     workers use that many CPUs per worker, at most 2 in all (``None``: not read).
     """
-    tuner = LiveTuner(start=start, candidates=sorted(capacity), remembered=remembered)
+    tuner = LiveTuner(
+        start=start, candidates=sorted(capacity), remembered=remembered, cpu_budget=cpu_budget
+    )
     decisions = []
     clock = {"now": 0.0}
     for i in range(batches):
@@ -401,3 +408,62 @@ def test_the_burst_loaded_during_a_hand_over_is_not_timed():
         assert tuner.observe(5.0, 0.0, 1) is None
     tuner.observe(0.1, 0.0, 1)
     assert tuner._open.batches == 1
+
+
+@pytest.mark.parametrize(
+    ("cpus", "tried"),
+    [
+        (1.6, 3),  # 0.4 of the 2 CPUs idle: one worker more might fill it, measure it
+        (1.8, None),  # 0.2 idle, under SPARE_CPU: not measured
+        (None, None),  # nothing read: a count above the CPUs is never tried blind
+    ],
+)
+def test_one_worker_above_the_cpus_is_measured_only_when_cpu_was_left_idle(cpus, tried):
+    # loader-bound at 2 workers on 2 CPUs, fewer already measured and slower
+    windows = {1: window(1, 21, 1.0), 2: window(2, 33, 1.0, cpus=cpus)}
+    d = decide(windows, 2, [0, 1, 2, 3], cpu_budget=2)
+    if tried is None:
+        assert not d.switch and d.workers == 2 and 3 in counts_not_measured(d.reason)
+        assert "more than the 2 CPUs" in d.reason
+        assert 3 not in counts_named(d.reason)
+    else:
+        assert d.switch and d.workers == 3 and "trying 3 (more)" in d.reason
+    # without a CPU budget every candidate is within it, as before
+    assert decide(windows, 2, [0, 1, 2, 3]).workers == 3
+
+
+def test_the_live_search_goes_above_the_cpus_when_that_delivers_more():
+    # 2 workers use 0.8 CPU each (1.6 of 2: they wait on each other's costly batches); 3 deliver
+    # 8% more (the 40-image set of issue 13), so the tuner ends there, and stays at 2 when the
+    # third worker would not help.
+    tuner, decisions = simulate(
+        {0: 12.0, 1: 13.0, 2: 50.0, 3: 54.0}, None, start=2, cpus=0.8, cpu_budget=2
+    )
+    assert tuner.settled and tuner.current == 3
+    assert [d.workers for d in decisions if d.switch][0] == 3
+    tuner, _ = simulate({0: 12.0, 1: 13.0, 2: 50.0, 3: 47.0}, None, start=2, cpus=0.8, cpu_budget=2)
+    assert tuner.settled and tuner.current == 2 and 3 in counts_named(tuner.decision.reason)
+    # 2 workers that use all of both CPUs: 3 is not measured, and no switch at all
+    tuner, decisions = simulate(
+        {0: 12.0, 1: 13.0, 2: 50.0, 3: 54.0}, None, start=2, cpus=0.96, cpu_budget=2
+    )
+    assert tuner.settled and tuner.current == 2 and not any(d.switch for d in decisions)
+    assert counts_not_measured(tuner.decision.reason) == {0, 1, 3}
+
+
+def test_a_live_count_above_the_cpus_is_planned_as_it_stands():
+    # The planner caps an asked-for count at the CPUs; a count the live tuner measured its way
+    # to (one above them, rules.SPARE_CPU) is planned as it is, and says why.
+    from stoker.autotune.driver import live_plan
+    from stoker.plan import LoaderRequest
+    from stoker.planning import plan_request
+
+    def plan_for(request: LoaderRequest):
+        return plan_request(request, budget=2, warn=False)
+
+    assert plan_for(LoaderRequest(workers=3)).num_workers == 2  # the cap this goes past
+    decision = Decision(workers=3, switch=False, settled=True, reason="3 workers delivers the most")
+    plan = live_plan(LoaderRequest(workers="auto"), 3, decision, plan_for)
+    assert plan.num_workers == 3 and plan.persistent_workers and plan.prefetch_factor == 2
+    assert not any(a.setting == "workers" for a in plan.adjustments)
+    assert "tuned live on this run: 3 workers delivers the most" in plan.defaults[0].reason

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from stoker.autotune.live import LiveTuner
@@ -58,6 +58,14 @@ def live_plan(
         start_method=request.start_method,
     )
     plan = plan_for(fixed)
+    if 0 < plan.num_workers < workers:
+        # The planner caps an asked-for count at the CPUs; the live tuner goes one above them
+        # only on a measurement that the workers left CPU idle (rules.SPARE_CPU), so it stands.
+        plan = replace(
+            plan,
+            num_workers=workers,
+            adjustments=tuple(a for a in plan.adjustments if a.setting != "workers"),
+        )
     note = Adjustment(
         setting="workers",
         requested=request.workers,

@@ -67,19 +67,23 @@ def start_live(
 ) -> LiveStart:
     """The start plan and the tuner for a live-tuned loader (rules: ``stoker.autotune``)."""
     slot = _CacheSlot.find(dataset, request, budget, batch_size, environ)
-    candidates = candidate_workers(budget)
+    within = candidate_workers(budget)
+    # One worker more than the CPUs, measured only when the workers leave CPU idle (rules).
+    candidates = (*within, within[-1] + 1) if budget.cpus > 1 and within[-1] > 0 else within
     remembered = slot.read() if slot is not None else None
     if remembered is not None and remembered.workers in candidates:
         start = remembered.workers
         why = f"started from the choice remembered in {slot.path if slot else '?'}"
     else:
         remembered = None
-        start = min(candidates[-1], DEFAULT_MAX_WORKERS)
+        start = min(within[-1], DEFAULT_MAX_WORKERS)
         why = (
             f"started with {start} workers, the most this budget runs ({budget.cpus} CPUs, "
             f"{budget.source}), at most {DEFAULT_MAX_WORKERS}; nothing measured yet"
         )
-    tuner = LiveTuner(start=start, candidates=candidates, remembered=remembered)
+    tuner = LiveTuner(
+        start=start, candidates=candidates, remembered=remembered, cpu_budget=budget.cpus
+    )
     tuner.decision = dataclasses.replace(tuner.decision, reason=why)
     tuning = LiveTuning(
         tuner=tuner,

@@ -50,10 +50,13 @@ class LiveTuner:
 
     Args:
         start: the count the loader starts with.
-        candidates: the counts allowed by the CPU budget.
+        candidates: the counts allowed by the CPU budget (with one above it, see
+            ``cpu_budget``).
         evidence: how much a window must hold.
         remembered: an earlier run's choice; when ``start`` is its count and the first window
             agrees with it (keeps up, or not, as then), the tuner settles at once.
+        cpu_budget: the budget's CPUs: candidates above it are measured only when the workers
+            left CPU idle (`stoker.autotune.rules.SPARE_CPU`); ``None``: no such rule.
     """
 
     def __init__(
@@ -63,8 +66,10 @@ class LiveTuner:
         candidates: Sequence[int],
         evidence: Evidence = DEFAULT_EVIDENCE,
         remembered: Remembered | None = None,
+        cpu_budget: int | None = None,
     ) -> None:
         self.candidates = tuple(sorted(set(candidates) | {start}))
+        self.cpu_budget = cpu_budget
         self.current = start
         self.evidence = evidence
         self.remembered = remembered
@@ -179,10 +184,19 @@ class LiveTuner:
                 measured=(window,),
             )
             return self.decision
-        self.decision = decide(self.windows, self.current, self.candidates, evidence=self.evidence)
+        self.decision = self._decide()
         if self.remembered is not None and first:
             self.decision = _note(self.decision, "the remembered choice did not hold live")
         return self.decision
+
+    def _decide(self) -> Decision:
+        return decide(
+            self.windows,
+            self.current,
+            self.candidates,
+            evidence=self.evidence,
+            cpu_budget=self.cpu_budget,
+        )
 
     def _recheck(self, window: Window) -> Decision | None:
         """Settled: measure again only when the training loop's demand clearly changed (a new
@@ -205,7 +219,7 @@ class LiveTuner:
         self.reopenings += 1
         self.windows = {self.current: window}
         self.decision = _note(
-            decide(self.windows, self.current, self.candidates, evidence=self.evidence),
+            self._decide(),
             f"re-check {self.reopenings}: the training loop changed ({window.describe()})",
         )
         return self.decision

@@ -22,6 +22,7 @@ __all__ = [
     "CONFIRM_WINDOWS",
     "CONTENDER",
     "FEWER_CEILING",
+    "SPARE_CPU",
     "Decision",
     "Evidence",
     "Switch",
@@ -51,6 +52,12 @@ CONFIRM_WINDOWS = 2
 # average, and at least one CPU). Below CONTENDER, so that a count whose batches cost up to 12% less CPU
 # (less contention with fewer processes) would still fall short of the pick by more than 3%.
 FEWER_CEILING = CONTENDER
+# Loader-bound: one worker more than the CPU budget is measured only when the best count's
+# workers left at least this much of the budget idle. Batches that cost unevenly return in
+# order, so a worker may wait on its neighbour's costly batch; one more worker fills that wait
+# (issue #13: on 2 CPUs, 3 workers beat 2 by 8% where the 2 used 1.6 CPUs). With no CPU left it
+# would only add a process and its RAM.
+SPARE_CPU = 0.25
 MIN_BATCHES = 12
 MIN_ROUNDS = 3
 MIN_SECONDS = 0.5
@@ -234,6 +241,7 @@ def decide(
     candidates: Sequence[int],
     *,
     evidence: Evidence = DEFAULT_EVIDENCE,
+    cpu_budget: int | None = None,
 ) -> Decision:
     """The next step of the search, from the windows measured so far (one per count).
 
@@ -246,7 +254,8 @@ def decide(
        candidates just above and below; of counts within ``SAME_RATE`` of the best, the fewest.
        Fewer workers whose processes could not use enough CPU to come within
        ``FEWER_CEILING`` of the pick's rate (from the CPU its workers used) are not measured,
-       and the reason lists them as not measured.
+       and the reason lists them as not measured. A count above ``cpu_budget`` is measured
+       only when the best count's workers left ``SPARE_CPU`` of the budget idle.
 
     Only counts in ``windows`` are compared, and the reason names each with its figures.
 
@@ -255,6 +264,7 @@ def decide(
         current: the count running now.
         candidates: the counts allowed (CPU and memory budget), any order.
         evidence: how much a window must hold.
+        cpu_budget: the CPUs of the budget (``None``: every candidate is within it).
 
     Raises:
         ValueError: ``current`` is not a candidate.
@@ -278,7 +288,7 @@ def decide(
     if keepers:
         decision = _fewest_that_keep_up(solid, keepers[0], allowed, table)
     else:
-        decision = _best_rate(solid, allowed, table, current)
+        decision = _best_rate(solid, allowed, table, current, cpu_budget)
     # Settling on a count other than the one running is a switch too.
     return replace(decision, switch=decision.workers != current)
 
@@ -307,18 +317,23 @@ def _fewest_that_keep_up(
 
 
 def _best_rate(
-    solid: Mapping[int, Window], allowed: Sequence[int], table: tuple[Window, ...], current: int
+    solid: Mapping[int, Window],
+    allowed: Sequence[int],
+    table: tuple[Window, ...],
+    current: int,
+    cpu_budget: int | None,
 ) -> Decision:
     best = max(solid, key=lambda k: solid[k].samples_per_second)
     top = solid[best].samples_per_second
     pick = min(k for k, w in solid.items() if w.samples_per_second >= SAME_RATE * top)
     summary = _summary(table)
     ruled_out, ceiling = _cannot_deliver_more(solid[pick], allowed, {w.workers for w in table})
+    above = _no_spare_cpu(solid[best], allowed, set(solid), cpu_budget)
     for edge, side in (
         (neighbours(allowed, best)[1], "more"),
         (neighbours(allowed, pick)[0], "fewer"),
     ):
-        if edge is not None and edge not in solid and edge not in ruled_out:
+        if edge is not None and edge not in solid and edge not in ruled_out + above:
             mine = solid[pick]
             if (
                 side == "fewer"
@@ -374,7 +389,32 @@ def _best_rate(
             f"{max(ruled_out[0], 1)} process of {_workers(ruled_out[0])} could deliver at most "
             f"{ceiling:.2f}x their rate"
         )
+    if above:
+        best_cpus = solid[best].cpus
+        since = (
+            f"the CPU {_workers(best)} used was not read"
+            if best_cpus is None or best == 0
+            else f"{_workers(best)} used {best_cpus:.2g} CPUs, under {SPARE_CPU:g} left idle"
+        )
+        why += (
+            f"; not measured: {', '.join(_workers(k) for k in above)}, more than the "
+            f"{cpu_budget} CPUs, since {since}"
+        )
     return Decision(workers=pick, switch=False, settled=True, reason=why, measured=table)
+
+
+def _no_spare_cpu(
+    window: Window, allowed: Sequence[int], measured: Set[int], cpu_budget: int | None
+) -> tuple[int, ...]:
+    """The unmeasured counts above ``cpu_budget`` not worth measuring: all of them unless
+    ``window``'s workers (the best count's) left at least ``SPARE_CPU`` of the budget idle."""
+    if cpu_budget is None:
+        return ()
+    over = tuple(k for k in allowed if k > cpu_budget and k not in measured)
+    cpus = window.cpus
+    if cpus is not None and window.workers > 0 and cpus <= cpu_budget - SPARE_CPU:
+        return ()
+    return over
 
 
 def _cannot_deliver_more(
