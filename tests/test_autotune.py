@@ -428,6 +428,10 @@ def test_one_worker_above_the_cpus_is_measured_only_when_cpu_was_left_idle(cpus,
         assert 3 not in counts_named(d.reason)
     else:
         assert d.switch and d.workers == 3 and "trying 3 (more)" in d.reason
+        # measured once only: the count running is measured again first (no switch)
+        once = {**windows, 2: replace(windows[2], windows=1)}
+        d = decide(once, 2, [0, 1, 2, 3], cpu_budget=2)
+        assert not d.switch and d.workers == 2 and "measuring 2 again before trying 3" in d.reason
     # without a CPU budget every candidate is within it, as before
     assert decide(windows, 2, [0, 1, 2, 3]).workers == 3
 
@@ -440,7 +444,7 @@ def test_the_live_search_goes_above_the_cpus_when_that_delivers_more():
         {0: 12.0, 1: 13.0, 2: 50.0, 3: 54.0}, None, start=2, cpus=0.8, cpu_budget=2
     )
     assert tuner.settled and tuner.current == 3
-    assert [d.workers for d in decisions if d.switch][0] == 3
+    assert [(d.workers) for d in decisions if d.switch] == [3]  # one switch, no back and forth
     tuner, _ = simulate({0: 12.0, 1: 13.0, 2: 50.0, 3: 47.0}, None, start=2, cpus=0.8, cpu_budget=2)
     assert tuner.settled and tuner.current == 2 and 3 in counts_named(tuner.decision.reason)
     # 2 workers that use all of both CPUs: 3 is not measured, and no switch at all

@@ -334,6 +334,24 @@ def _best_rate(
         (neighbours(allowed, pick)[0], "fewer"),
     ):
         if edge is not None and edge not in solid and edge not in ruled_out + above:
+            if (
+                side == "more"
+                and cpu_budget is not None
+                and edge > cpu_budget
+                and best == current
+                and solid[best].windows < CONFIRM_WINDOWS
+            ):
+                # Both would be measured twice before settling (CONTENDER); the count running
+                # first, so that leaving it costs one switch, not a second one back and forth.
+                return Decision(
+                    workers=best,
+                    switch=False,
+                    settled=False,
+                    reason=f"measured {summary}: the training loop waits for data and the "
+                    f"workers left CPU idle; measuring {best} again before trying {edge}, more "
+                    f"than the {cpu_budget} CPUs",
+                    measured=table,
+                )
             mine = solid[pick]
             if (
                 side == "fewer"

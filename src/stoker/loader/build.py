@@ -8,9 +8,11 @@ puts the three together.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
@@ -246,7 +248,8 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
 
     def _start_workers(self) -> Any:
         """Torch's iterator for this epoch (or the rest of it, after a live-tuning switch)."""
-        inner = super().__iter__()
+        with _quiet_cpu_advice(self._tuning is not None):
+            inner = super().__iter__()
         torch_internals.unwatch_worker_exits(inner)
         cost = getattr(self.dataset, "batch_cost", None)
         if getattr(self.dataset, "dispatch", None) == "least work" and callable(cost):
@@ -384,6 +387,21 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
                 )
 
 
+@contextlib.contextmanager
+def _quiet_cpu_advice(live: bool) -> Iterator[None]:
+    """Without torch's advice against more workers than CPUs when tuned ``live``: the tuner runs
+    one more than the CPUs only after measuring that the workers left CPU idle
+    (`stoker.autotune.rules.SPARE_CPU`), and its reason says so."""
+    if not live:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="This DataLoader will create", category=UserWarning
+        )
+        yield
+
+
 def build_loader(
     dataset: Any,
     plan: LoaderPlan,
@@ -437,15 +455,16 @@ def build_loader(
             if getattr(dataset, "float_in_blocks", False) and deeper > 0:
                 # blocks for the deeper queue too, besides the loop's share (FLOAT_BLOCKS)
                 dataset.shared_blocks.blocks += deeper
-    loader = StokerLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        worker_init_fn=worker_init,
-        **plan.kwargs,  # type: ignore[arg-type]  # validated by the planner
-        **kwargs,
-    )
+    with _quiet_cpu_advice(tuning is not None):
+        loader = StokerLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            worker_init_fn=worker_init,
+            **plan.kwargs,  # type: ignore[arg-type]  # validated by the planner
+            **kwargs,
+        )
     loader.plan = plan
     loader.seed = seed
     loader._tuning = tuning
