@@ -187,20 +187,22 @@ def steady_wait(dataset: Any, workers: int, rate: float, *, batches: int) -> flo
     """The share of time a loop taking 1/rate s per batch waits, after the first round (worker
     start-up) and one more batch."""
     budget = max(workers, stoker.cpu_budget().cpus)  # so the planner keeps the count asked for
+    wait = wall = 0.0
     with warnings.catch_warnings():
+        # torch's advice about more workers than CPUs (given when the first batch starts them):
+        # budget+1 is measured on purpose
         warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
         loader = stoker.make_loader(dataset, workers=workers, budget=budget, seed=0)
         it = iter(loader)
-    wait = wall = 0.0
-    for i in range(batches):
-        asked = time.perf_counter()
-        next(it)
-        got = time.perf_counter()
-        time.sleep(1.0 / rate)
-        if i > max(workers, 1):
-            wait += got - asked
-            wall += time.perf_counter() - asked
-    del it
+        for i in range(batches):
+            asked = time.perf_counter()
+            next(it)
+            got = time.perf_counter()
+            time.sleep(1.0 / rate)
+            if i > max(workers, 1):
+                wait += got - asked
+                wall += time.perf_counter() - asked
+        del it
     return wait / wall
 
 
