@@ -319,6 +319,13 @@ def test_workers_send_uint8_and_the_loop_receives_the_same_floats(
                 assert torch.equal(mine[key], value), key
             else:
                 assert mine[key] == value, key
+    # each flag on its own: a twin that sends small tensors as tensors still gets float images
+    plain = object.__new__(_TensorsInTransit)
+    plain.__dict__.update(ds.with_seed(3).__dict__)  # the loader's seed: no re-seeded copy
+    _, got_plain = batches(2, plain)
+    assert all(b["images"].dtype == torch.float32 for b in got_plain)
+    for mine, theirs in zip(got_plain, expected, strict=True):
+        assert torch.equal(mine["images"], theirs["images"])
     small = stoker.load_dataset(tmp_path, resolution=256, output="uint8", progress=None)
     twin = small.for_workers()
     assert not twin.uint8_in_transit and twin.small_in_transit  # images already uint8
@@ -355,6 +362,15 @@ def test_small_tensors_travel_inside_the_pickle(tmp_path: Path) -> None:
         assert torch.equal(arrived[name], expected[name])
     assert torch.equal(arrived["images"], expected["images"])
     assert ds.arrive(expected) is expected  # the main process's own batches pass unchanged
+
+
+class _TensorsInTransit(stoker.StokerDataset):
+    """Small tensors cross the worker queue as tensors (as before issue #11's second session)."""
+
+    def for_workers(self) -> stoker.StokerDataset:
+        twin = super().for_workers()
+        twin.small_in_transit = False
+        return twin
 
 
 class _PlanesInWorker(torch.utils.data.Dataset):  # type: ignore[type-arg]

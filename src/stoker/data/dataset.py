@@ -321,7 +321,8 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         The loader calls this in the main process for each batch; other batches pass unchanged.
         A pinned batch (``pin_memory``) gets a pinned result.
         """
-        if not self.small_in_transit or not isinstance(batch, dict):
+        sent_cheaply = self.small_in_transit or self.uint8_in_transit or self.float_in_blocks
+        if not sent_cheaply or not isinstance(batch, dict):
             return batch
         if self.small_in_transit:
             pinned = _is_pinned(batch)
