@@ -6,6 +6,7 @@ degrades to plain DataLoader behaviour with one warning, which the last tests ch
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -185,6 +186,62 @@ def test_batches_go_to_the_worker_with_the_least_work_and_return_in_order(tmp_pa
         assert not torch_internals.dispatch_by_work(inner, len)  # its own hand-out is left alone
     finally:
         torch_internals.shutdown_workers(inner)
+
+
+class LateFirst(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """24 items; item 0 waits until ``go`` exists; each item leaves a file when made."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int) -> int:
+        deadline = time.monotonic() + 60
+        while i == 0 and not (self.folder / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (self.folder / f"made-{i}").touch()
+        return i
+
+
+def _made(folder: Path) -> set[int]:
+    return {int(f.name.split("-")[1]) for f in folder.glob("made-*")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ahead", [0, 8])
+def test_a_batch_ahead_of_a_late_one_asks_for_the_next_within_the_bound(tmp_path: Path, ahead: int):
+    """Item 0 is late. Torch asks for 4 items (2 workers x prefetch 2) and for one more only when
+    it hands one out, so without refilling the free worker makes its 2 and idles: items 1 and 3
+    (item 2 queues behind item 0). With ``ahead=8`` each early arrival asks for the next, up to
+    4 + 8 items asked for and not handed out: 0..11, all made but 0, 2 and 4 (torch sent 0..3
+    in turn, with no cost recorded, so item 4 goes to worker 0 at a tie). Then the late item
+    comes and every item is handed out once, in order."""
+    loader = DataLoader(
+        LateFirst(tmp_path), batch_size=None, num_workers=2, multiprocessing_context="fork"
+    )
+    inner = iter(loader)
+    expected = {1, 3} if ahead == 0 else set(range(1, 12)) - {2, 4}
+    seen: list[set[int]] = []
+
+    def release_the_late_item() -> None:  # the loop waits in next() for item 0 meanwhile
+        deadline = time.monotonic() + 30
+        while _made(tmp_path) != expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # room for any item beyond the bound to be made (none may be)
+        seen.append(_made(tmp_path))
+        (tmp_path / "go").touch()
+
+    release = threading.Thread(target=release_the_late_item)
+    try:
+        assert torch_internals.dispatch_by_work(inner, lambda i: 1.0, ahead=ahead)
+        release.start()
+        assert list(inner) == list(range(24))
+    finally:
+        release.join()
+        torch_internals.shutdown_workers(inner)
+    assert seen == [expected]
 
 
 @pytest.mark.slow
