@@ -245,6 +245,57 @@ def test_a_batch_ahead_of_a_late_one_asks_for_the_next_within_the_bound(tmp_path
 
 
 @pytest.mark.slow
+def test_no_batch_is_asked_for_while_persistent_workers_restart(tmp_path: Path):
+    """At an epoch's start torch reads the persistent workers' replies through ``_get_data``
+    and drops anything else; a batch asked for then would be lost and the loop would wait for
+    it forever. Only batches of the running iteration ask for more."""
+    loader = DataLoader(
+        Squares(),
+        batch_size=1,
+        num_workers=2,
+        persistent_workers=True,
+        multiprocessing_context="fork",
+    )
+    inner = iter(loader)
+    assert torch_internals.dispatch_by_work(inner, len)
+    asked_for_while_reading: list[object] = []
+    refilling = inner._get_data
+    queues = inner._index_queues
+    puts = [q.put for q in queues]
+    reading = False
+
+    def watched(i: int):
+        def put(item: object, *args: object, **kwargs: object) -> None:
+            if reading:
+                asked_for_while_reading.append(item)
+            puts[i](item, *args, **kwargs)
+
+        return put
+
+    for i, q in enumerate(queues):
+        q.put = watched(i)
+
+    def read() -> object:
+        nonlocal reading
+        reading = True
+        try:
+            got = refilling()
+        finally:
+            reading = False
+        if not isinstance(got[0], int):  # a restart reply: nothing may have been asked for
+            assert asked_for_while_reading == [], got
+        asked_for_while_reading.clear()
+        return got
+
+    inner._get_data = read
+    try:
+        for _ in range(3):
+            assert [int(x) for x in iter(loader)] == [i * i for i in range(8)]
+    finally:
+        torch_internals.shutdown_workers(inner)
+
+
+@pytest.mark.slow
 def test_the_least_work_hand_out_does_not_keep_the_iterator_alive():
     """A loop that drops the iterator (an interrupted epoch) stops its workers at once."""
     import weakref

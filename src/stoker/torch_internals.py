@@ -242,7 +242,11 @@ def dispatch_by_work(inner: Any, cost: Callable[[Any], float], *, ahead: int | N
         if inner is None:
             raise RuntimeError("stoker: the DataLoader iterator is gone")
         got = get_data(inner)
-        if not isinstance(got, tuple) or got[0] == inner._rcvd_idx:
+        # Only a batch of this iteration that came before its turn; not the replies of
+        # persistent workers to the next epoch's start (torch's _reset reads those through here
+        # and drops anything else, so a batch asked for then would be lost).
+        idx = got[0] if isinstance(got, tuple) and got else None
+        if not (isinstance(idx, int) and inner._rcvd_idx < idx < inner._send_idx):
             return got
         # This batch waits for an earlier, costlier one: ask for the next now, so the worker that
         # made it keeps working instead of idling until the earlier batch arrives.
