@@ -18,7 +18,8 @@ Then, for each set (40 and 400 images):
    switches (target < 2%);
 3. **consumers** (the first set only): a training step simulated by sleeping at three rates
    (``consumer_rates``: slower than 1 worker on every batch, between 1 worker and the best,
-   twice the best). Every fixed count runs with it first, to find the right count
+   twice the best). Every fixed count runs with it first (two rounds, interleaved, averaged;
+   over 2 epochs where that takes at most about 3 s), to find the right count
    (``expected_count``: the fewest that keeps up, the loop waiting at most 5%; when none does,
    the fewest within 3% of the best rate); then auto runs with it until it settles: which count
    and after how many batches (target: the right count, within 2 epochs or 200 batches,
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -53,6 +55,7 @@ from stoker.files import atomic_write_text  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 KEEP_UP_WAIT = 0.05
+FIXED_ROUNDS = 2  # runs of each fixed count per consumer, for the right answer
 
 # The config of issue 13's measurements: the one the sd-scripts comparison uses, at batch size 1.
 CONFIG = SD_SCRIPTS_CONFIG.format(batch_size=1, image_dir="2_photo")
@@ -257,7 +260,15 @@ def consumers(dataset: Any, counts: list[int], fixed_rates: dict[int, float]) ->
     limit = min(2 * per_epoch, 200)
     rows = []
     for label, rate in consumer_rates(dataset, fixed_rates):
-        waits = {k: steady_wait(dataset, k, rate, batches=min(per_epoch, 60)) for k in counts}
+        # The right answer from fixed counts: two rounds, interleaved, averaged, over 2 epochs
+        # where that takes at most ~3 s (session 3 used one 40-batch run each; counts 2 and 3
+        # then swapped places between runs).
+        batches = min(2 * per_epoch, max(per_epoch, int(3 * rate)), 200)
+        rounds = [
+            {k: steady_wait(dataset, k, rate, batches=batches) for k in counts}
+            for _ in range(FIXED_ROUNDS)
+        ]
+        waits = {k: statistics.fmean(r[k] for r in rounds) for k in counts}
         expected, rule = expected_count(waits)
         r = run(
             dataset,

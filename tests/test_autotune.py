@@ -436,6 +436,41 @@ def test_one_worker_above_the_cpus_is_measured_only_when_cpu_was_left_idle(cpus,
     assert decide(windows, 2, [0, 1, 2, 3]).workers == 3
 
 
+def test_the_main_process_cpu_counts_against_the_idle_cpu():
+    # 2 workers used 1.6 CPUs: alone, 0.4 of 2 left idle (3 is tried, as above); with the main
+    # process at 0.3 (converting batches, the training loop) only 0.1 is idle: 3 is not measured,
+    # and the reason names both readings.
+    two = window(2, 33, 1.0, cpus=1.6)
+    windows = {1: window(1, 21, 1.0), 2: replace(two, main_cpu_seconds=0.3 * two.cpu_wall)}
+    assert windows[2].main_cpus == pytest.approx(0.3)
+    d = decide(windows, 2, [0, 1, 2, 3], cpu_budget=2)
+    assert not d.switch and d.workers == 2 and 3 in counts_not_measured(d.reason)
+    assert "2 workers used 1.6 CPUs and the main process 0.3, under 0.25 left idle" in d.reason
+    assert "the main process 0.3" in windows[2].describe()
+    light = {**windows, 2: replace(two, main_cpu_seconds=0.1 * two.cpu_wall)}
+    assert decide(light, 2, [0, 1, 2, 3], cpu_budget=2).workers == 3
+    # merged windows add the main process's seconds; one without a reading drops it
+    merged = windows[2].merge(windows[2])
+    assert merged.main_cpus == pytest.approx(0.3) and merged.cpus == pytest.approx(1.6)
+    assert windows[2].merge(two).main_cpu_seconds is None
+
+
+def test_the_tuner_reads_the_main_process_cpu_with_the_workers():
+    tuner = LiveTuner(start=2, candidates=[0, 1, 2], evidence=Evidence(min_seconds=0.0))
+    workers, main = iter([10.0, 11.6]), iter([5.0, 5.3])
+    decision = None
+    for _ in range(40):
+        decision = tuner.observe(
+            0.1, 0.0, 1, cpu=lambda: next(workers), main_cpu=lambda: next(main)
+        )
+        if decision is not None:
+            break
+    assert decision is not None
+    closed = tuner.windows[2]
+    assert closed.cpu_seconds == pytest.approx(1.6)
+    assert closed.main_cpu_seconds == pytest.approx(0.3)
+
+
 def test_the_live_search_goes_above_the_cpus_when_that_delivers_more():
     # 2 workers use 0.8 CPU each (1.6 of 2: they wait on each other's costly batches); 3 deliver
     # 8% more (the 40-image set of issue 13), so the tuner ends there, and stays at 2 when the

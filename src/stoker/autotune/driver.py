@@ -19,6 +19,7 @@ memory reading as callables, so the arrows stay ``plan -> autotune -> loader``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -177,7 +178,9 @@ class LiveTuning:
             return  # batches asked for before the switch: the old count's, not timed
         cpu_use = self.cpu_use
         read = None if cpu_use is None or loader.num_workers == 0 else (lambda: cpu_use(loader))
-        decision = self.tuner.observe(wait, step, batch_samples(batch), cpu=read)
+        decision = self.tuner.observe(
+            wait, step, batch_samples(batch), cpu=read, main_cpu=time.process_time
+        )
         if decision is not None:
             decision = self._check_memory(loader) or decision
         if decision is None:

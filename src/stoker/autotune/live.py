@@ -83,7 +83,7 @@ class LiveTuner:
         self.reopenings = 0
         self._open = Window(workers=start)
         self._skip = 0
-        self._cpu_open: tuple[float | None, float] | None = None
+        self._cpu_open: tuple[float | None, float, float | None] | None = None
         self.restarted()
 
     @property
@@ -131,13 +131,16 @@ class LiveTuner:
         samples: int = 1,
         *,
         cpu: Callable[[], float | None] | None = None,
+        main_cpu: Callable[[], float] | None = None,
     ) -> Decision | None:
         """Record one batch of ``samples``; returns a new decision when a window closes, else
         ``None``.
 
         ``cpu`` reads the CPU seconds the running workers have used so far; it is called when a
         window's first batch is recorded and when the window closes, and the window keeps the
-        difference (``Window.cpu_seconds``) over the seconds between the two calls.
+        difference (``Window.cpu_seconds``) over the seconds between the two calls. ``main_cpu``
+        reads the main process's CPU seconds at the same two moments (``Window.main_cpu_seconds``;
+        only with ``cpu``).
         """
         if self._skip > 0:
             self._skip -= 1
@@ -152,7 +155,7 @@ class LiveTuner:
         opening = self._open.batches == 0
         self._open = batch if opening else self._open.add(batch)
         if opening and cpu is not None:
-            self._cpu_open = (cpu(), self._open.seconds)
+            self._cpu_open = (cpu(), self._open.seconds, None if main_cpu is None else main_cpu())
         if missing_evidence(self._open, self.evidence) is not None:
             return None
         closed, self._open = self._open, Window(workers=self.current)
@@ -160,7 +163,10 @@ class LiveTuner:
         if cpu is not None and began is not None and began[0] is not None:
             now, wall = cpu(), closed.seconds - began[1]
             if now is not None and now >= began[0] and wall > 0:
-                closed = replace(closed, cpu_seconds=now - began[0], cpu_wall=wall)
+                main = None if main_cpu is None or began[2] is None else main_cpu() - began[2]
+                closed = replace(
+                    closed, cpu_seconds=now - began[0], cpu_wall=wall, main_cpu_seconds=main
+                )
         return self._closed(closed)
 
     def _closed(self, window: Window) -> Decision | None:

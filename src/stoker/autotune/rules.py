@@ -53,7 +53,9 @@ CONFIRM_WINDOWS = 2
 # (less contention with fewer processes) would still fall short of the pick by more than 3%.
 FEWER_CEILING = CONTENDER
 # Loader-bound: one worker more than the CPU budget is measured only when the best count's
-# workers left at least this much of the budget idle. Batches that cost unevenly return in
+# workers and the main process together left at least this much of the budget idle (the main
+# process's share counts since session 4: it converts batches and runs the training loop on the
+# same CPUs). Batches that cost unevenly return in
 # order, so a worker may wait on its neighbour's costly batch; one more worker fills that wait
 # (issue #13: on 2 CPUs, 3 workers beat 2 by 8% where the 2 used 1.6 CPUs). With no CPU left it
 # would only add a process and its RAM.
@@ -98,6 +100,8 @@ class Window:
         cpu_seconds: CPU time the count's worker processes used over ``cpu_wall`` seconds of the
             window (``None``: not read; 0 workers, or no ``/proc``).
         cpu_wall: the window's seconds the CPU reading covers.
+        main_cpu_seconds: CPU time the main process (the training loop, and what the loader does
+            in it) used over the same ``cpu_wall`` seconds (``None``: not read).
     """
 
     workers: int
@@ -108,6 +112,7 @@ class Window:
     step_seconds: float = 0.0
     cpu_seconds: float | None = None
     cpu_wall: float = 0.0
+    main_cpu_seconds: float | None = None
 
     @property
     def cpus(self) -> float | None:
@@ -115,6 +120,13 @@ class Window:
         if self.cpu_seconds is None or self.cpu_wall <= 0:
             return None
         return self.cpu_seconds / self.cpu_wall
+
+    @property
+    def main_cpus(self) -> float | None:
+        """CPUs the main process used on average over the window (``None`` when not read)."""
+        if self.main_cpu_seconds is None or self.cpu_wall <= 0:
+            return None
+        return self.main_cpu_seconds / self.cpu_wall
 
     @property
     def seconds(self) -> float:
@@ -146,6 +158,7 @@ class Window:
         both = self.cpu_seconds is not None and other.cpu_seconds is not None
         cpu = (self.cpu_seconds or 0.0) + (other.cpu_seconds or 0.0) if both else None
         keep = self if self.cpu_seconds is not None else other
+        mains = both and self.main_cpu_seconds is not None and other.main_cpu_seconds is not None
         return replace(
             self,
             batches=self.batches + other.batches,
@@ -154,6 +167,13 @@ class Window:
             step_seconds=self.step_seconds + other.step_seconds,
             cpu_seconds=cpu if both else keep.cpu_seconds,
             cpu_wall=self.cpu_wall + other.cpu_wall if both else keep.cpu_wall,
+            main_cpu_seconds=(
+                (self.main_cpu_seconds or 0.0) + (other.main_cpu_seconds or 0.0)
+                if mains
+                else None
+                if both
+                else keep.main_cpu_seconds
+            ),
         )
 
     def merge(self, other: Window) -> Window:
@@ -163,8 +183,10 @@ class Window:
     def describe(self) -> str:
         """``2 workers 41 batches/s, waited 97% (24 batches)``, and, when read, the CPUs its
         workers used: ``(24 batches, the workers used 1.9 CPUs)``."""
-        cpus = self.cpus
+        cpus, main = self.cpus, self.main_cpus
         used = "" if cpus is None else f", the workers used {cpus:.2g} CPUs"
+        if used and main is not None:
+            used += f", the main process {main:.2g}"
         return (
             f"{_workers(self.workers)} {self.batches_per_second:.3g} batches/s, waited "
             f"{self.wait_fraction:.0%} ({self.batches} batches{used})"
@@ -255,7 +277,8 @@ def decide(
        Fewer workers whose processes could not use enough CPU to come within
        ``FEWER_CEILING`` of the pick's rate (from the CPU its workers used) are not measured,
        and the reason lists them as not measured. A count above ``cpu_budget`` is measured
-       only when the best count's workers left ``SPARE_CPU`` of the budget idle.
+       only when the best count's workers and the main process left ``SPARE_CPU`` of the
+       budget idle.
 
     Only counts in ``windows`` are compared, and the reason names each with its figures.
 
@@ -408,11 +431,12 @@ def _best_rate(
             f"{ceiling:.2f}x their rate"
         )
     if above:
-        best_cpus = solid[best].cpus
+        best_cpus, main_cpus = solid[best].cpus, solid[best].main_cpus
+        main = "" if main_cpus is None else f" and the main process {main_cpus:.2g}"
         since = (
             f"the CPU {_workers(best)} used was not read"
             if best_cpus is None or best == 0
-            else f"{_workers(best)} used {best_cpus:.2g} CPUs, under {SPARE_CPU:g} left idle"
+            else f"{_workers(best)} used {best_cpus:.2g} CPUs{main}, under {SPARE_CPU:g} left idle"
         )
         why += (
             f"; not measured: {', '.join(_workers(k) for k in above)}, more than the "
@@ -425,13 +449,16 @@ def _no_spare_cpu(
     window: Window, allowed: Sequence[int], measured: Set[int], cpu_budget: int | None
 ) -> tuple[int, ...]:
     """The unmeasured counts above ``cpu_budget`` not worth measuring: all of them unless
-    ``window``'s workers (the best count's) left at least ``SPARE_CPU`` of the budget idle."""
+    ``window``'s workers (the best count's) and the main process left at least ``SPARE_CPU`` of
+    the budget idle."""
     if cpu_budget is None:
         return ()
     over = tuple(k for k in allowed if k > cpu_budget and k not in measured)
     cpus = window.cpus
-    if cpus is not None and window.workers > 0 and cpus <= cpu_budget - SPARE_CPU:
-        return ()
+    if cpus is not None and window.workers > 0:
+        cpus += window.main_cpus or 0.0
+        if cpus <= cpu_budget - SPARE_CPU:
+            return ()
     return over
 
 
