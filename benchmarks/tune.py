@@ -199,7 +199,11 @@ def steady_wait(dataset: Any, workers: int, rate: float, *, batches: int) -> flo
         it = iter(loader)
         for i in range(batches):
             asked = time.perf_counter()
-            next(it)
+            try:
+                next(it)
+            except StopIteration:  # the next epoch, with the same (persistent) workers
+                it = iter(loader)
+                next(it)
             got = time.perf_counter()
             time.sleep(1.0 / rate)
             if i > max(workers, 1):
