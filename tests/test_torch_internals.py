@@ -218,8 +218,12 @@ def test_a_batch_ahead_of_a_late_one_asks_for_the_next_within_the_bound(tmp_path
     4 + 8 items asked for and not handed out: 0..11, all made but 0, 2 and 4 (torch sent 0..3
     in turn, with no cost recorded, so item 4 goes to worker 0 at a tie). Then the late item
     comes and every item is handed out once, in order."""
-    loader = DataLoader(
-        LateFirst(tmp_path), batch_size=None, num_workers=2, multiprocessing_context="fork"
+    loader = DataLoader(  # a timeout: a lost item fails the test instead of hanging it
+        LateFirst(tmp_path),
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context="fork",
+        timeout=120,
     )
     inner = iter(loader)
     expected = {1, 3} if ahead == 0 else set(range(1, 12)) - {2, 4}
@@ -255,6 +259,7 @@ def test_no_batch_is_asked_for_while_persistent_workers_restart(tmp_path: Path):
         num_workers=2,
         persistent_workers=True,
         multiprocessing_context="fork",
+        timeout=60,  # a lost batch fails the test instead of hanging it
     )
     inner = iter(loader)
     assert torch_internals.dispatch_by_work(inner, len)

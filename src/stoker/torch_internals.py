@@ -227,10 +227,10 @@ def dispatch_by_work(inner: Any, cost: Callable[[Any], float], *, ahead: int | N
             if len(info) == 1 and info[0] in work and sent != returned:  # not returned yet
                 work[info[0]] += costs.get(sent, 0.0)
         worker = min(work, key=lambda w: (work[w], w))
-        sent = inner._send_idx
+        sent, this = inner._send_idx, float(cost(index))  # the cost first: it may raise
         inner._index_queues[worker].put((sent, index))
         inner._task_info[sent] = (worker,)
-        costs[sent] = float(cost(index))
+        costs[sent] = this
         inner._workers_num_tasks[worker] += 1
         inner._tasks_outstanding += 1
         inner._send_idx += 1

@@ -206,6 +206,44 @@ def test_shared_blocks_pickle_empty_and_size_blocks_for_the_largest_batch() -> N
     assert arrived.keep == 5 and arrived._mapped == []
 
 
+def test_batches_ahead_of_their_turn_only_with_room_in_dev_shm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches that wait ahead of their turn (`torch_internals.AHEAD_ROUNDS`) and the workers'
+    spare blocks for them need room in /dev/shm twice over; on a container's default 64 MiB
+    for these 48 MiB batches there is none, so neither is taken. With pinning no block comes
+    back, so none is added; the main process keeps every worker's blocks mapped."""
+    import dataclasses
+
+    from stoker.loader import build as build_module
+    from stoker.loader.build import build_loader
+    from stoker.plan import LoaderRequest
+    from stoker.planning import plan_request
+
+    write_images(tmp_path, 2)
+    ds = stoker.load_dataset(tmp_path, resolution=2048, batch_size=2, progress=None)
+    batch = ds.for_workers().transit_batch_bytes
+    assert batch == 2 * 2048 * 2048 * 3  # two uint8 images in the largest bucket
+    plan = plan_request(LoaderRequest(workers=2), budget=2, warn=False)
+    plain = dataclasses.replace(plan, pin_memory=False)
+    rounds = torch_internals.AHEAD_ROUNDS
+
+    def built(free: int, **changes: Any) -> Any:
+        monkeypatch.setattr(build_module, "shm_free_bytes", lambda: free)
+        return build_loader(ds, dataclasses.replace(plain, **changes), seed=0, monitor=False)
+
+    roomy = built(1 << 40)
+    assert roomy._ahead_rounds == rounds
+    assert roomy.dataset.shared_blocks.blocks == buffers_module.DEFAULT_BLOCKS + rounds * 2
+    assert roomy.dataset.arrived.keep >= 3 * roomy.dataset.shared_blocks.blocks
+    docker = built(64 << 20)
+    assert docker._ahead_rounds == 0
+    assert docker.dataset.shared_blocks.blocks == buffers_module.DEFAULT_BLOCKS
+    pinned = built(1 << 40, pin_memory=True)
+    assert pinned._ahead_rounds == rounds
+    assert pinned.dataset.shared_blocks.blocks == buffers_module.DEFAULT_BLOCKS
+
+
 @pytest.mark.slow
 def test_workers_reusing_blocks_send_the_same_batches(tmp_path: Path) -> None:
     """Three epochs through two persistent workers that write batches into given-back blocks

@@ -307,6 +307,12 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         ``prefetch_factor`` float batches a plan already counts)."""
         return self.shared_blocks.blocks if self.float_in_blocks else 0
 
+    @property
+    def transit_batch_bytes(self) -> int:
+        """Bytes of the largest batch's images as they cross from a worker: float in blocks, else
+        uint8 (what a worker writes into shared memory)."""
+        return (4 if self.float_in_blocks else 1) * self._largest_batch_bytes()
+
     def _largest_batch_bytes(self) -> int:
         """Bytes of the largest uint8 image batch its buckets and batch sizes make."""
         if len(self.groups) == 0:

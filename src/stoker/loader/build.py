@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from stoker import torch_internals
 from stoker.autotune.driver import LiveTuning
+from stoker.data.buffers import shm_free_bytes
 from stoker.data.protocol import BatchingDataset, ResumableBatchSampler
 from stoker.data.sampler import AllRanksBatchSampler
 from stoker.errors import InputBoundWarning, Problem
@@ -92,6 +93,9 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
     _handing_over: int = 0
     _old_persistent: Any = None
     _old_offset: int = 0  # see _hand_over: to name what a dead old worker was loading
+    # Rounds of workers x prefetch_factor that may wait ahead of their turn
+    # (torch_internals.dispatch_by_work); 0 where /dev/shm has no room for them (`_ahead_rounds`).
+    _ahead_rounds: int = torch_internals.AHEAD_ROUNDS
 
     @property
     def rank_sampler(self) -> Any:
@@ -253,7 +257,8 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
         torch_internals.unwatch_worker_exits(inner)
         cost = getattr(self.dataset, "batch_cost", None)
         if getattr(self.dataset, "dispatch", None) == "least work" and callable(cost):
-            torch_internals.dispatch_by_work(inner, cost)
+            ahead = self._ahead_rounds * (self.prefetch_factor or 2) * self.num_workers
+            torch_internals.dispatch_by_work(inner, cost, ahead=ahead)
         # A weak reference: a loop that breaks early must not keep the workers alive.
         self._live = weakref.ref(inner)
         return inner
@@ -387,6 +392,16 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
                 )
 
 
+def _ahead_rounds(batch_bytes: int, prefetch_factor: int, workers: int) -> int:
+    """`torch_internals.AHEAD_ROUNDS`, or 0 when ``/dev/shm`` lacks room for those batches twice
+    over (waiting in the main process, and as the workers' spare blocks): a container's default
+    ``/dev/shm`` is 64 MiB, where torch's own ``workers x prefetch_factor`` batches may be all
+    that fits. ``batch_bytes``: the largest batch as it crosses (0: unknown, no check)."""
+    rounds = torch_internals.AHEAD_ROUNDS
+    need = 2 * rounds * prefetch_factor * workers * batch_bytes
+    return rounds if batch_bytes <= 0 or shm_free_bytes() >= need else 0
+
+
 @contextlib.contextmanager
 def _quiet_cpu_advice(live: bool) -> Iterator[None]:
     """Without torch's advice against more workers than CPUs when tuned ``live``: the tuner runs
@@ -424,6 +439,12 @@ def build_loader(
     shuffled by a generator seeded with ``seed``. ``dataloader_kwargs`` go to DataLoader as
     they are (a ``batch_sampler`` there replaces the dataset's; the tuner passes its own).
     """
+    # (a loader started without workers may get some from the live tuner)
+    ahead_rounds = _ahead_rounds(
+        getattr(dataset, "transit_batch_bytes", 0),
+        plan.prefetch_factor or 2,
+        max(plan.num_workers, 1) + 1,
+    )
     kwargs = dict(dataloader_kwargs or {})
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -455,13 +476,24 @@ def build_loader(
             if getattr(dataset, "float_in_blocks", False) and deeper > 0:
                 # blocks for the deeper queue too, besides the loop's share (FLOAT_BLOCKS)
                 dataset.shared_blocks.blocks += deeper
-            elif getattr(dataset, "uint8_in_transit", False):
-                # blocks for a worker's share of the batches that wait ahead of their turn
-                # (torch_internals.AHEAD_ROUNDS); made only when used. 4 blocks measured x0.89,
-                # 8 x0.93 at 2 workers (issue #11)
-                dataset.shared_blocks.blocks += torch_internals.AHEAD_ROUNDS * (
-                    plan.prefetch_factor or 2
-                )
+            ahead_rounds = _ahead_rounds(
+                getattr(dataset, "transit_batch_bytes", 0),
+                plan.prefetch_factor or 2,
+                plan.num_workers + 1,  # the live tuner may go one above
+            )
+            if getattr(dataset, "uint8_in_transit", False) and not plan.pin_memory:
+                # blocks for a worker's share of the batches that wait ahead of their turn; made
+                # only when used. 4 blocks measured x0.89, 8 x0.93 at 2 workers (issue #11).
+                # Not with pinning: torch's pin thread copies each batch, so none comes back.
+                dataset.shared_blocks.blocks += ahead_rounds * (plan.prefetch_factor or 2)
+            blocks, arrived = (
+                getattr(dataset, "shared_blocks", None),
+                getattr(dataset, "arrived", None),
+            )
+            if blocks is not None and arrived is not None:
+                # the main process keeps every worker's blocks mapped (one more worker: the
+                # live tuner may go there), or a block mapped again costs its page faults again
+                arrived.keep = max(arrived.keep, (plan.num_workers + 1) * blocks.blocks)
     with _quiet_cpu_advice(tuning is not None):
         loader = StokerLoader(
             dataset,
@@ -475,6 +507,7 @@ def build_loader(
     loader.plan = plan
     loader.seed = seed
     loader._tuning = tuning
+    loader._ahead_rounds = ahead_rounds
     # A stoker dataset's list, shared, so dataset.decode_problems sees them too.
     loader.decode_problems = dataset.decode_problems if isinstance(dataset, BatchingDataset) else []
     if monitor is True:
