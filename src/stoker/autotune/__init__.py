@@ -36,6 +36,12 @@ and keeps measuring.
   The reason says "not measured: 1 worker, 0 workers, since fewer processes cannot use more
   CPU ...". A short run (40 images, 10 epochs, 7.5 s) otherwise paid 8% of its time for the
   1-worker window and two switches (issue 13).
+- **One worker above the CPUs** (``SPARE_CPU``) is measured only when the loader is the
+  bottleneck and the best count's workers and the main process together left at least a quarter
+  of a CPU of the budget idle (the main process's CPU time, ``time.process_time``, is read over
+  the same windows: it converts batches and runs the training loop on the same CPUs); otherwise
+  the reason says "not measured: 3 workers, more than the 2 CPUs, since 2 workers used 1.8 CPUs
+  and the main process 0.2, under 0.25 left idle".
 - Counts never measured are never compared: each reason lists exactly the counts measured, with
   batches/s, the wait and the number of batches.
 
