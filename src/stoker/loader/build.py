@@ -439,12 +439,6 @@ def build_loader(
     shuffled by a generator seeded with ``seed``. ``dataloader_kwargs`` go to DataLoader as
     they are (a ``batch_sampler`` there replaces the dataset's; the tuner passes its own).
     """
-    # (a loader started without workers may get some from the live tuner)
-    ahead_rounds = _ahead_rounds(
-        getattr(dataset, "transit_batch_bytes", 0),
-        plan.prefetch_factor or 2,
-        max(plan.num_workers, 1) + 1,
-    )
     kwargs = dict(dataloader_kwargs or {})
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -476,24 +470,27 @@ def build_loader(
             if getattr(dataset, "float_in_blocks", False) and deeper > 0:
                 # blocks for the deeper queue too, besides the loop's share (FLOAT_BLOCKS)
                 dataset.shared_blocks.blocks += deeper
-            ahead_rounds = _ahead_rounds(
-                getattr(dataset, "transit_batch_bytes", 0),
-                plan.prefetch_factor or 2,
-                plan.num_workers + 1,  # the live tuner may go one above
-            )
-            if getattr(dataset, "uint8_in_transit", False) and not plan.pin_memory:
-                # blocks for a worker's share of the batches that wait ahead of their turn; made
-                # only when used. 4 blocks measured x0.89, 8 x0.93 at 2 workers (issue #11).
-                # Not with pinning: torch's pin thread copies each batch, so none comes back.
-                dataset.shared_blocks.blocks += ahead_rounds * (plan.prefetch_factor or 2)
-            blocks, arrived = (
-                getattr(dataset, "shared_blocks", None),
-                getattr(dataset, "arrived", None),
-            )
-            if blocks is not None and arrived is not None:
-                # the main process keeps every worker's blocks mapped (one more worker: the
-                # live tuner may go there), or a block mapped again costs its page faults again
-                arrived.keep = max(arrived.keep, (plan.num_workers + 1) * blocks.blocks)
+    # the live tuner may go one worker above, or start workers on a loader built without any
+    ahead_rounds = _ahead_rounds(
+        getattr(dataset, "transit_batch_bytes", 0),
+        plan.prefetch_factor or 2,
+        max(plan.num_workers, 1) + 1,
+    )
+    if plan.num_workers > 0 and isinstance(dataset, BatchingDataset):
+        blocks, arrived = getattr(dataset, "shared_blocks", None), getattr(dataset, "arrived", None)
+        if (
+            blocks is not None
+            and getattr(dataset, "uint8_in_transit", False)
+            and not plan.pin_memory
+        ):
+            # blocks for a worker's share of the batches that wait ahead of their turn; made
+            # only when used. 4 blocks measured x0.89, 8 x0.93 at 2 workers (issue #11).
+            # Not with pinning: torch's pin thread copies each batch, so none comes back.
+            blocks.blocks += ahead_rounds * (plan.prefetch_factor or 2)
+        if blocks is not None and arrived is not None:
+            # the main process keeps every worker's blocks mapped (one more worker: the live
+            # tuner may go there), or a block mapped again costs its page faults again
+            arrived.keep = max(arrived.keep, (plan.num_workers + 1) * blocks.blocks)
     with _quiet_cpu_advice(tuning is not None):
         loader = StokerLoader(
             dataset,
