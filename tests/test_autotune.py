@@ -434,6 +434,12 @@ def test_one_worker_above_the_cpus_is_measured_only_when_cpu_was_left_idle(cpus,
         assert not d.switch and d.workers == 2 and "measuring 2 again before trying 3" in d.reason
     # without a CPU budget every candidate is within it, as before
     assert decide(windows, 2, [0, 1, 2, 3]).workers == 3
+    # batches that arrive early ask for the next: that fills the wait one worker more would, so
+    # it is never measured, whatever CPU was left idle, and the reason says why
+    d = decide(windows, 2, [0, 1, 2, 3], cpu_budget=2, asks_ahead=True)
+    assert not d.switch and d.settled and d.workers == 2
+    assert 3 in counts_not_measured(d.reason) and 3 not in counts_named(d.reason)
+    assert "already ask for the next" in d.reason
 
 
 def test_the_main_process_cpu_counts_against_the_idle_cpu():

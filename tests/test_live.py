@@ -276,31 +276,45 @@ def test_auto_tunes_live_and_remembers(dataset, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("cpus", "switches"),
+    ("cpus", "asks_ahead", "switches"),
     [
         # the 2 workers used 1.9 of 2 CPUs: 1 worker cannot deliver more; no window at 1
-        ({1: 1.0, 2: 1.9}, []),
+        ({1: 1.0, 2: 1.9}, True, []),
         # they used 1.1 CPUs (the machine is busy with something else, or the workers wait on
-        # each other): 1 worker is measured, and 3 (more than the CPUs) as well
+        # each other): 1 worker is measured; 3 (more than the CPUs) is not, as early batches
+        # ask for the next (torch_internals.dispatch_by_work), which fills that wait
+        ({1: 1.0, 2: 1.1}, True, [(2, 1), (1, 2)]),
+        # without the early ask (no room in /dev/shm for it) 3 is measured as well
         # (3 delivers no more than 2, measured twice as a contender, so it ends on 2)
-        ({1: 1.0, 2: 1.1, 3: 1.1}, [(2, 3), (3, 1), (1, 3), (3, 2)]),
+        ({1: 1.0, 2: 1.1, 3: 1.1}, False, [(2, 3), (3, 1), (1, 3), (3, 2)]),
     ],
 )
-def test_a_loader_bound_run_skips_counts_that_cannot_use_more_cpu(dataset, cpus, switches):
+def test_a_loader_bound_run_skips_counts_that_cannot_use_more_cpu(
+    dataset, cpus, asks_ahead, switches
+):
     # no training step: the loop always waits; 2 workers deliver a batch every 50 ms, 1 every 90
     consumer = ScriptedConsumer({0: 0.12, 1: 0.09, 2: 0.05, 3: 0.05}, step=0.0, cpus=cpus)
     loader = consumer.loader_for(dataset, seed=2, shuffle=True, workers="auto", budget=2)
+    if not asks_ahead:
+        loader._ahead_rounds = 0  # what build_loader sets when /dev/shm lacks room
     reference = run_epochs(make_loader(dataset, seed=2, shuffle=True, workers=0, budget=2), 9)
     assert consumer.epochs(9) == reference
+    assert loader.asks_ahead is asks_ahead
     stats = loader.stats()
     assert [(s.from_workers, s.to_workers) for s in stats.switches] == switches
     decision = loader._tuning.tuner.decision
     assert decision.settled and decision.workers == 2 == loader.num_workers
-    if not switches:
+    if cpus[2] > 1.5:
         assert "2 workers delivers the most" in decision.reason
         assert "not measured: 1 worker, 0 workers" in decision.reason
         assert "the workers used 1.9 CPUs" in decision.reason
         assert [w.workers for w in decision.measured] == [2]
+    elif asks_ahead:
+        assert "2 workers delivers the most" in decision.reason
+        assert "not measured: 3 workers, more than the 2 CPUs, since batches that arrive" in (
+            decision.reason
+        )
+        assert [w.workers for w in decision.measured] == [1, 2]
     else:
         assert "2 workers is the fewest within 3% of the best (3 workers)" in decision.reason
         assert "not measured" not in decision.reason

@@ -81,6 +81,8 @@ class LiveTuner:
             reason=f"started with {start} workers; nothing measured yet",
         )
         self.reopenings = 0
+        # Set by the loader: its early batches ask for the next (rules.decide's asks_ahead).
+        self.asks_ahead = False
         self._open = Window(workers=start)
         self._skip = 0
         self._cpu_open: tuple[float | None, float, float | None] | None = None
@@ -202,6 +204,7 @@ class LiveTuner:
             self.candidates,
             evidence=self.evidence,
             cpu_budget=self.cpu_budget,
+            asks_ahead=self.asks_ahead,
         )
 
     def _recheck(self, window: Window) -> Decision | None:

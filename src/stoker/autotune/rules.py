@@ -58,7 +58,10 @@ FEWER_CEILING = CONTENDER
 # same CPUs). Batches that cost unevenly return in
 # order, so a worker may wait on its neighbour's costly batch; one more worker fills that wait
 # (issue #13: on 2 CPUs, 3 workers beat 2 by 8% where the 2 used 1.6 CPUs). With no CPU left it
-# would only add a process and its RAM.
+# would only add a process and its RAM. Not measured at all while batches that arrive early ask
+# for the next (`stoker.torch_internals.dispatch_by_work`, session 4): that fills the same wait,
+# and quiet sweeps then put 3 workers within 0.2-1.4% of 2 on 2 CPUs (docs/tuning.md), under
+# SAME_RATE, so the count above the CPUs could never be the pick and only cost its window.
 SPARE_CPU = 0.25
 MIN_BATCHES = 12
 MIN_ROUNDS = 3
@@ -264,6 +267,7 @@ def decide(
     *,
     evidence: Evidence = DEFAULT_EVIDENCE,
     cpu_budget: int | None = None,
+    asks_ahead: bool = False,
 ) -> Decision:
     """The next step of the search, from the windows measured so far (one per count).
 
@@ -278,7 +282,7 @@ def decide(
        ``FEWER_CEILING`` of the pick's rate (from the CPU its workers used) are not measured,
        and the reason lists them as not measured. A count above ``cpu_budget`` is measured
        only when the best count's workers and the main process left ``SPARE_CPU`` of the
-       budget idle.
+       budget idle, and never while early batches ask for the next (``asks_ahead``).
 
     Only counts in ``windows`` are compared, and the reason names each with its figures.
 
@@ -288,6 +292,9 @@ def decide(
         candidates: the counts allowed (CPU and memory budget), any order.
         evidence: how much a window must hold.
         cpu_budget: the CPUs of the budget (``None``: every candidate is within it).
+        asks_ahead: the loader's batches that arrive before their turn ask for the next
+            (``stoker.torch_internals.dispatch_by_work``): no count above ``cpu_budget`` is
+            measured (``SPARE_CPU``).
 
     Raises:
         ValueError: ``current`` is not a candidate.
@@ -311,7 +318,7 @@ def decide(
     if keepers:
         decision = _fewest_that_keep_up(solid, keepers[0], allowed, table)
     else:
-        decision = _best_rate(solid, allowed, table, current, cpu_budget)
+        decision = _best_rate(solid, allowed, table, current, cpu_budget, asks_ahead)
     # Settling on a count other than the one running is a switch too.
     return replace(decision, switch=decision.workers != current)
 
@@ -345,13 +352,14 @@ def _best_rate(
     table: tuple[Window, ...],
     current: int,
     cpu_budget: int | None,
+    asks_ahead: bool,
 ) -> Decision:
     best = max(solid, key=lambda k: solid[k].samples_per_second)
     top = solid[best].samples_per_second
     pick = min(k for k, w in solid.items() if w.samples_per_second >= SAME_RATE * top)
     summary = _summary(table)
     ruled_out, ceiling = _cannot_deliver_more(solid[pick], allowed, {w.workers for w in table})
-    above = _no_spare_cpu(solid[best], allowed, set(solid), cpu_budget)
+    above = _no_spare_cpu(solid[best], allowed, set(solid), cpu_budget, asks_ahead)
     for edge, side in (
         (neighbours(allowed, best)[1], "more"),
         (neighbours(allowed, pick)[0], "fewer"),
@@ -433,11 +441,17 @@ def _best_rate(
     if above:
         best_cpus, main_cpus = solid[best].cpus, solid[best].main_cpus
         main = "" if main_cpus is None else f" and the main process {main_cpus:.2g}"
-        since = (
-            f"the CPU {_workers(best)} used was not read"
-            if best_cpus is None or best == 0
-            else f"{_workers(best)} used {best_cpus:.2g} CPUs{main}, under {SPARE_CPU:g} left idle"
-        )
+        if asks_ahead:
+            since = (
+                "batches that arrive before their turn already ask for the next, which fills "
+                "the wait one worker more would"
+            )
+        elif best_cpus is None or best == 0:
+            since = f"the CPU {_workers(best)} used was not read"
+        else:
+            since = (
+                f"{_workers(best)} used {best_cpus:.2g} CPUs{main}, under {SPARE_CPU:g} left idle"
+            )
         why += (
             f"; not measured: {', '.join(_workers(k) for k in above)}, more than the "
             f"{cpu_budget} CPUs, since {since}"
@@ -446,14 +460,20 @@ def _best_rate(
 
 
 def _no_spare_cpu(
-    window: Window, allowed: Sequence[int], measured: Set[int], cpu_budget: int | None
+    window: Window,
+    allowed: Sequence[int],
+    measured: Set[int],
+    cpu_budget: int | None,
+    asks_ahead: bool,
 ) -> tuple[int, ...]:
-    """The unmeasured counts above ``cpu_budget`` not worth measuring: all of them unless
-    ``window``'s workers (the best count's) and the main process left at least ``SPARE_CPU`` of
-    the budget idle."""
+    """The unmeasured counts above ``cpu_budget`` not worth measuring: all of them when early
+    batches ask for the next (``asks_ahead``) or unless ``window``'s workers (the best count's)
+    and the main process left at least ``SPARE_CPU`` of the budget idle."""
     if cpu_budget is None:
         return ()
     over = tuple(k for k in allowed if k > cpu_budget and k not in measured)
+    if asks_ahead:
+        return over
     cpus = window.cpus
     if cpus is not None and window.workers > 0:
         cpus += window.main_cpus or 0.0

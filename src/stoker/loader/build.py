@@ -96,6 +96,8 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
     # Rounds of workers x prefetch_factor that may wait ahead of their turn
     # (torch_internals.dispatch_by_work); 0 where /dev/shm has no room for them (`_ahead_rounds`).
     _ahead_rounds: int = torch_internals.AHEAD_ROUNDS
+    # Whether the running workers' early batches ask for the next (the live tuner reads it).
+    asks_ahead: bool = False
 
     @property
     def rank_sampler(self) -> Any:
@@ -256,9 +258,11 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
             inner = super().__iter__()
         torch_internals.unwatch_worker_exits(inner)
         cost = getattr(self.dataset, "batch_cost", None)
+        self.asks_ahead = False
         if getattr(self.dataset, "dispatch", None) == "least work" and callable(cost):
             ahead = self._ahead_rounds * (self.prefetch_factor or 2) * self.num_workers
-            torch_internals.dispatch_by_work(inner, cost, ahead=ahead)
+            dispatched = torch_internals.dispatch_by_work(inner, cost, ahead=ahead)
+            self.asks_ahead = dispatched and ahead > 0
         # A weak reference: a loop that breaks early must not keep the workers alive.
         self._live = weakref.ref(inner)
         return inner
