@@ -164,6 +164,7 @@ AHEAD_ROUNDS = 2
 
 # Members the least-work hand-out replaces or uses (`dispatch_by_work`).
 DISPATCH_MEMBERS = (
+    "_reset",
     "_try_put_index",
     "_next_index",
     "_workers_status",
@@ -180,7 +181,13 @@ DISPATCH_MEMBERS = (
 )
 
 
-def dispatch_by_work(inner: Any, cost: Callable[[Any], float], *, ahead: int | None = None) -> bool:
+def dispatch_by_work(
+    inner: Any,
+    cost: Callable[[Any], float],
+    *,
+    ahead: int | None = None,
+    dropped: Callable[[Any], object] | None = None,
+) -> bool:
     """Hand each next batch to the worker with the least work outstanding (the sum of ``cost``
     of the indices it was sent and has not returned) instead of torch's strict turn, and keep
     workers busy while an earlier batch is late; the batches, and the order they are returned
@@ -194,6 +201,13 @@ def dispatch_by_work(inner: Any, cost: Callable[[Any], float], *, ahead: int | N
     for the next at once, while the batches asked for and not handed out are at most ``ahead``
     more than torch's ``workers x prefetch_factor`` (default `AHEAD_ROUNDS` x that; 0: torch's
     refill only).
+
+    ``dropped`` is called with each batch torch throws away unseen: when a persistent
+    iterator starts its next epoch after the loop left one early, the batches that had arrived
+    before their turn and those still on their way (torch's ``_reset`` reads and drops them).
+    stoker's datasets give such a batch's shared-memory blocks back to its worker there, which
+    would otherwise wait for them for the rest of the run and send every later batch in fresh
+    segments.
     """
     if not _multiprocess(inner) or getattr(inner, "_in_order", None) is not True:
         return False
@@ -247,6 +261,9 @@ def dispatch_by_work(inner: Any, cost: Callable[[Any], float], *, ahead: int | N
         # and drops anything else, so a batch asked for then would be lost).
         idx = got[0] if isinstance(got, tuple) and got else None
         if not (isinstance(idx, int) and inner._rcvd_idx < idx < inner._send_idx):
+            if isinstance(idx, int) and inner._send_idx == 0 and dropped is not None:
+                # nothing asked for yet in this iteration: torch's _reset drops this old batch
+                dropped(got[1])
             return got
         # This batch waits for an earlier, costlier one: ask for the next now, so the worker that
         # made it keeps working instead of idling until the earlier batch arrives.
@@ -258,9 +275,23 @@ def dispatch_by_work(inner: Any, cost: Callable[[Any], float], *, ahead: int | N
                 inner._tasks_outstanding += 1
         return got
 
+    reset = type(inner)._reset
+
+    def drop_and_reset(loader: Any, first_iter: bool = False) -> None:  # torch's _reset
+        inner = iterator()
+        if inner is None:
+            raise RuntimeError("stoker: the DataLoader iterator is gone")
+        if dropped is not None:
+            # batches that arrived before their turn and were never handed out: reset forgets them
+            for info in list(inner._task_info.values()):
+                if len(info) == 2:
+                    dropped(info[1])
+        reset(inner, loader, first_iter)
+
     limit = AHEAD_ROUNDS * inner._prefetch_factor * inner._num_workers if ahead is None else ahead
     inner._try_put_index = try_put_index
     inner._get_data = get_data_and_refill
+    inner._reset = drop_and_reset
     inner._stoker_dispatch = True
     return True
 

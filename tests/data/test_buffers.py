@@ -265,6 +265,37 @@ def test_workers_reusing_blocks_send_the_same_batches(tmp_path: Path) -> None:
         assert loader.dataset.arrived._mapped  # batches did come in given-back blocks
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not buffers_module._ORDERED_STORES, reason="blocks are reused on x86-64 only")
+def test_batches_dropped_after_a_loop_left_early_give_their_blocks_back(tmp_path: Path) -> None:
+    """Persistent workers and a loop that takes two batches of each epoch and leaves: at the
+    next epoch's start torch drops, unseen, the batches already asked for. Their blocks go back
+    to their workers (`StokerDataset.drop`), so after eight such epochs every batch still comes
+    in a block; without that, the workers' blocks all stayed lent after two or three epochs and
+    every later batch came in a fresh segment."""
+    write_images(tmp_path, 24)
+    ds = stoker.load_dataset(tmp_path, resolution=512, batch_size=2, progress=None)
+    loader = stoker.make_loader(ds, seed=2, shuffle=True, workers=2, persistent=True, monitor=False)
+    arrived = loader.dataset.arrived
+    in_blocks: list[bool] = []
+    give_back = arrived.give_back
+
+    def recorded(tensor: torch.Tensor) -> bool:
+        in_blocks.append(give_back(tensor))
+        return in_blocks[-1]
+
+    arrived.give_back = recorded  # type: ignore[method-assign]
+    for _ in range(8):
+        for taken, _batch in enumerate(loader, 1):
+            if taken == 2:
+                break
+    dropped = len(in_blocks) - 8 * 2  # give-backs besides the batches the loop took
+    assert dropped > 0  # the early ask had batches on their way each time the loop left
+    in_blocks.clear()
+    batches = sum(1 for _batch in loader)
+    assert batches == len(loader) and len(in_blocks) >= batches and all(in_blocks)
+
+
 # --- float batches lent to the loop in their blocks ------------------------------------------------
 
 
@@ -336,10 +367,14 @@ def test_float_blocks_fall_back_to_uint8_without_room_or_order(
     ds.float_transit = "blocks"
     if buffers_module._ORDERED_STORES:
         assert ds.for_workers().float_in_blocks
-        assert ds.for_workers().transit_blocks == buffers_module.FLOAT_BLOCKS
+        twin = ds.for_workers()
+        largest = twin._largest_batch_bytes()  # uint8; a float block holds 4 bytes a value
+        assert twin.transit_block_bytes == buffers_module.FLOAT_BLOCKS * 4 * largest
     monkeypatch.setattr(buffers_module, "shm_free_bytes", lambda: 64 << 20)  # docker's default
     twin = ds.for_workers()
-    assert twin.uint8_in_transit and not twin.float_in_blocks and twin.transit_blocks == 0
+    assert twin.uint8_in_transit and not twin.float_in_blocks
+    # the uint8 blocks (the largest uint8 batch each) count as the workers' memory too
+    assert twin.transit_block_bytes == twin.shared_blocks.blocks * twin._largest_batch_bytes() > 0
     monkeypatch.undo()
     monkeypatch.setattr(buffers_module, "_ORDERED_STORES", False)  # e.g. aarch64
     twin = ds.for_workers()

@@ -163,14 +163,20 @@ class _CacheSlot:
 def _memory_cap(loader: Any) -> tuple[int, str] | None:
     """How many workers fit in the memory available now, from the running workers' USS."""
     pids = loader.worker_pids() if callable(getattr(loader, "worker_pids", None)) else []
-    per_worker = worker_uss_bytes(pids) if pids else None
+    uss = worker_uss_bytes(pids) if pids else None
     memory = memory_budget()
-    if not per_worker or memory.usable_bytes is None:
+    if not uss or memory.usable_bytes is None:
         return None
+    # A worker's shared-memory blocks for its batches are RAM that its USS does not show (the
+    # main process maps them too); counted at the most they reach.
+    blocks = getattr(getattr(loader, "dataset", None), "transit_block_bytes", 0)
+    blocks = blocks if isinstance(blocks, int) else 0
+    per_worker = uss + blocks
     fit = memory.usable_bytes // per_worker
+    shared = f" ({blocks / 2**20:.0f} MiB of it blocks in /dev/shm)" if blocks else ""
     why = (
-        f"a worker uses about {per_worker / 2**20:.0f} MiB and {memory.usable_bytes / 2**20:.0f} "
-        f"MiB are usable ({memory.source})"
+        f"a worker uses about {per_worker / 2**20:.0f} MiB{shared} and "
+        f"{memory.usable_bytes / 2**20:.0f} MiB are usable ({memory.source})"
     )
     return int(fit), why
 

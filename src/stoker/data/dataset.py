@@ -301,11 +301,14 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return float(pixels.sum()) + 1e6 * len(images)
 
     @property
-    def transit_blocks(self) -> int:
-        """Float batches each worker keeps in shared memory (RAM) besides those in flight: the
-        blocks of `float_transit` "blocks" (0 otherwise; the uint8 blocks hold less than the
-        ``prefetch_factor`` float batches a plan already counts)."""
-        return self.shared_blocks.blocks if self.float_in_blocks else 0
+    def transit_block_bytes(self) -> int:
+        """Bytes of shared memory (``/dev/shm``, so RAM, that a worker's USS does not show once
+        the main process maps them too) each worker keeps at most for the batches it sends:
+        its blocks times what each holds (0 when batches cross in fresh segments). The blocks are
+        made only when used, so this is the most, not what a short run reached."""
+        if not (self.uint8_in_transit or self.float_in_blocks):
+            return 0
+        return self.shared_blocks.blocks * self.shared_blocks.block_bytes
 
     @property
     def transit_batch_bytes(self) -> int:
@@ -352,6 +355,17 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 batch[key] = _uint8_to_float(value, self.buffers)
                 self.arrived.give_back(value)  # read: its worker may write the next batch there
         return batch
+
+    def drop(self, batch: Any) -> None:
+        """A batch that will never `arrive` (torch dropped it unseen, see
+        `stoker.torch_internals.dispatch_by_work`): give its images' shared-memory blocks back
+        to their worker."""
+        if not isinstance(batch, dict) or not (self.uint8_in_transit or self.float_in_blocks):
+            return
+        for key in ("images", "conditioning_images"):
+            value = batch.get(key)
+            if isinstance(value, torch.Tensor):
+                self.arrived.give_back(value)
 
     def make_batch_sampler(
         self,

@@ -261,7 +261,10 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
         self.asks_ahead = False
         if getattr(self.dataset, "dispatch", None) == "least work" and callable(cost):
             ahead = self._ahead_rounds * (self.prefetch_factor or 2) * self.num_workers
-            dispatched = torch_internals.dispatch_by_work(inner, cost, ahead=ahead)
+            dropped = getattr(self.dataset, "drop", None)
+            dispatched = torch_internals.dispatch_by_work(
+                inner, cost, ahead=ahead, dropped=dropped if callable(dropped) else None
+            )
             self.asks_ahead = dispatched and ahead > 0
         # A weak reference: a loop that breaks early must not keep the workers alive.
         self._live = weakref.ref(inner)

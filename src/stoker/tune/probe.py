@@ -248,11 +248,11 @@ class Probe:
         uss = worker_uss_bytes(pids(), self.root / "proc")
         if uss is None:
             return None
-        # Batches in flight, or a worker's reused blocks of float batches where more (a stoker
-        # dataset's `transit_blocks`; those blocks are /dev/shm, so RAM, that USS does not count).
-        ring = getattr(getattr(loader, "dataset", None), "transit_blocks", 0)
-        held = max(plan.prefetch_factor or PREFETCH_DEFAULT, ring if isinstance(ring, int) else 0)
-        return uss + held * _batch_bytes(batch)
+        # Batches in flight, or a worker's reused blocks where more (a stoker dataset's
+        # `transit_block_bytes`; those blocks are /dev/shm, so RAM, that USS does not count).
+        blocks = getattr(getattr(loader, "dataset", None), "transit_block_bytes", 0)
+        in_flight = (plan.prefetch_factor or PREFETCH_DEFAULT) * _batch_bytes(batch)
+        return uss + max(in_flight, blocks if isinstance(blocks, int) else 0)
 
     def _report(self, used: float, plan: LoaderPlan, rate: float) -> None:
         if self.progress is not None:
