@@ -15,7 +15,9 @@ Then, for each set (40 and 400 images):
    the best fixed count's over the same epochs (target >= 0.95x);
 2. **tuning cost**: the share of the tuned run's time lost against running the count it ended on
    from the start, ``1 - fixed(chosen) / tuned``: the exploration windows on other counts and the
-   switches (target < 2%);
+   switches (target < 2%); from the reported (median) runs, and in brackets the median of the
+   same ratio round by round (each tuned run against the fixed run of its count in the same
+   round); and the time the tuner's own bookkeeping took (``LiveTuning.observe``, timed);
 3. **consumers** (the first set only): a training step simulated by sleeping at three rates
    (``consumer_rates``: slower than 1 worker on every batch, between 1 worker and the best,
    twice the best). Every fixed count runs with it first (four rounds, interleaved, the median;
@@ -91,6 +93,17 @@ def run(dataset: Any, workers: Any, epochs: int, *, rate: float | None = None, s
         warnings.filterwarnings("ignore", category=stoker.InputBoundWarning)
         began = time.perf_counter()
         loader = stoker.make_loader(dataset, workers=workers, budget=planned, seed=0)
+        observed = [0.0]
+        tuning = loader._tuning
+        if tuning is not None:  # time the tuner's own bookkeeping, batch by batch
+            observe = tuning.observe
+
+            def timed_observe(*args: Any) -> None:
+                began_observe = time.perf_counter()
+                observe(*args)
+                observed[0] += time.perf_counter() - began_observe
+
+            tuning.observe = timed_observe
         epoch_seconds, batches = [], 0
         for _ in range(epochs):
             start = time.perf_counter()
@@ -104,7 +117,13 @@ def run(dataset: Any, workers: Any, epochs: int, *, rate: float | None = None, s
             if stop is not None and stop(loader, batches):
                 break
         total = time.perf_counter() - began
-    return {"epoch_seconds": epoch_seconds, "total": total, "batches": batches, "loader": loader}
+    return {
+        "epoch_seconds": epoch_seconds,
+        "total": total,
+        "batches": batches,
+        "loader": loader,
+        "observe_seconds": observed[0],
+    }
 
 
 TUNED = ("auto", "default")  # workers="auto" and no worker count at all (make_loader's default)
@@ -123,6 +142,10 @@ def no_consumer(dataset: Any, counts: list[int], epochs: int, repeats: int) -> d
             say(f"    {setting!s:>7}: {tries[setting][-1]['total']:.1f} s")
     runs = {k: sorted(v, key=lambda r: r["total"])[len(v) // 2] for k, v in tries.items()}
     best = min(counts, key=lambda k: runs[k]["total"])
+    for label in TUNED:
+        runs[label]["rounds"] = tries[label]
+    for k in counts:
+        runs[k]["rounds"] = tries[k]
     result: dict[str, Any] = {
         "batches_per_epoch": per_epoch,
         "epochs": epochs,
@@ -163,6 +186,18 @@ def tuned_summary(
     # Tuning cost: what the run lost against running its final count from the start (the
     # exploration windows on other counts and the switches), as a share of the run.
     cost = 1 - runs[chosen]["total"] / tuned["total"] if chosen in runs else None
+    # The same, round by round (each tuned run against the fixed run of its count in the same
+    # round, minutes apart at most), the median: two identical settings' medians differ by the
+    # run-to-run noise (session 5: 6.7 to 7.0 s for 2 workers on 40 images).
+    paired = (
+        statistics.median(
+            1 - f["total"] / t["total"]
+            for t, f in zip(tuned["rounds"], runs[chosen]["rounds"], strict=True)
+            if t["loader"].num_workers == chosen
+        )
+        if chosen in runs and any(t["loader"].num_workers == chosen for t in tuned["rounds"])
+        else None
+    )
     return {
         "total_seconds": tuned["total"],
         "total_ratio": tuned["total"] / runs[best]["total"],
@@ -173,6 +208,10 @@ def tuned_summary(
         "settled_rate_ratio": rate(tuned) / rate(runs[best_settled]),
         "chosen": chosen,
         "tuning_cost": cost,
+        "tuning_cost_paired": paired,
+        # what the tuner's own bookkeeping took in the main process (LiveTuning.observe, timed)
+        "observe_seconds": tuned["observe_seconds"],
+        "observe_share": tuned["observe_seconds"] / tuned["total"],
         "switches": [
             {
                 "batch": s.batch,
@@ -343,6 +382,13 @@ def print_set(images: int, result: dict[str, Any]) -> None:
             f"the best fixed rate ({r['best_settled_fixed']} workers; target >= 0.95); ended on "
             f"{r['chosen']} workers ({'settled' if r['settled'] else 'NOT settled'}); tuning "
             + ("cost n/a" if cost is None else f"cost {cost:.1%} of the run (target < 2%)")
+            + (
+                ""
+                if r["tuning_cost_paired"] is None
+                else f", {r['tuning_cost_paired']:.1%} round by round"
+            )
+            + f"; the tuner's own bookkeeping {r['observe_seconds'] * 1e3:.0f} ms "
+            f"({r['observe_share']:.2%})"
         )
         for s in r["switches"]:
             say(
@@ -382,16 +428,19 @@ def main(argv: list[str] | None = None) -> int:
         report["load_after_" + str(images)] = os.getloadavg()[0]
     say("\nSide by side (no consumer; targets: total <= 1.05x, settled >= 0.95x, cost < 2%):")
     say(
-        f"  {'set':>5} {'tuned':>8} {'total x best':>13} {'settled x best':>15} {'cost':>7} {'on':>3}"
+        f"  {'set':>5} {'tuned':>8} {'total x best':>13} {'settled x best':>15} "
+        f"{'cost (by round)':>16} {'on':>3}"
     )
     for images in sets:
         result = report["sets"][images]
         for label in TUNED:
             r = result[label]
             cost = "n/a" if r["tuning_cost"] is None else f"{r['tuning_cost']:.1%}"
+            if r["tuning_cost_paired"] is not None:
+                cost += f" ({r['tuning_cost_paired']:.1%})"
             say(
                 f"  {images:>5} {label:>8} {r['total_ratio']:13.3f} "
-                f"{r['settled_rate_ratio']:15.3f} {cost:>7} {r['chosen']:>3}"
+                f"{r['settled_rate_ratio']:15.3f} {cost:>16} {r['chosen']:>3}"
             )
     rows = report["sets"][sets[0]].get("consumers", [])
     for row in rows:
