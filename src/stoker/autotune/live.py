@@ -81,9 +81,10 @@ class LiveTuner:
             reason=f"started with {start} workers; nothing measured yet",
         )
         self.reopenings = 0
+        self._need = 0
         # Set by the loader: its early batches ask for the next (rules.decide's asks_ahead).
         self.asks_ahead = False
-        self._open = Window(workers=start)
+        self._open = _OpenWindow()
         self._skip = 0
         self._cpu_open: tuple[float | None, float, float | None] | None = None
         self.restarted()
@@ -97,7 +98,9 @@ class LiveTuner:
         """Workers (re)started: the first ``burst`` batches (default: one round) arrive together
         after the start, not timed."""
         self._skip = max(self.current if burst is None else burst, 1)
-        self._open = Window(workers=self.current)
+        self._open = _OpenWindow()
+        # the fewest batches a window of this count may close with (rules.missing_evidence)
+        self._need = max(self.evidence.min_batches, self.evidence.min_rounds * max(self.current, 1))
         self._cpu_open = None
 
     def switched(self, workers: int, burst: int | None = None) -> None:
@@ -147,20 +150,29 @@ class LiveTuner:
         if self._skip > 0:
             self._skip -= 1
             return None
-        batch = Window(
-            workers=self.current,
-            batches=1,
-            samples=samples,
-            wait_seconds=max(wait_seconds, 0.0),
-            step_seconds=max(step_seconds, 0.0),
-        )
-        opening = self._open.batches == 0
-        self._open = batch if opening else self._open.add(batch)
+        # Plain sums per batch (this runs in the training loop's process for every batch); a
+        # Window only when the window may close.
+        open_ = self._open
+        opening = open_.batches == 0
+        open_.batches += 1
+        open_.samples += samples
+        open_.wait_seconds += max(wait_seconds, 0.0)
+        open_.step_seconds += max(step_seconds, 0.0)
+        seconds = open_.wait_seconds + open_.step_seconds
         if opening and cpu is not None:
-            self._cpu_open = (cpu(), self._open.seconds, None if main_cpu is None else main_cpu())
-        if missing_evidence(self._open, self.evidence) is not None:
+            self._cpu_open = (cpu(), seconds, None if main_cpu is None else main_cpu())
+        if open_.batches < self._need or seconds < self.evidence.min_seconds:
             return None
-        closed, self._open = self._open, Window(workers=self.current)
+        closed = Window(
+            workers=self.current,
+            batches=open_.batches,
+            samples=open_.samples,
+            wait_seconds=open_.wait_seconds,
+            step_seconds=open_.step_seconds,
+        )
+        if missing_evidence(closed, self.evidence) is not None:
+            return None
+        self._open = _OpenWindow()
         began, self._cpu_open = self._cpu_open, None
         if cpu is not None and began is not None and began[0] is not None:
             now, wall = cpu(), closed.seconds - began[1]
@@ -232,6 +244,16 @@ class LiveTuner:
             f"re-check {self.reopenings}: the training loop changed ({window.describe()})",
         )
         return self.decision
+
+
+@dataclass(slots=True)
+class _OpenWindow:
+    """The sums of the window being measured (`LiveTuner.observe`)."""
+
+    batches: int = 0
+    samples: int = 0
+    wait_seconds: float = 0.0
+    step_seconds: float = 0.0
 
 
 def _note(decision: Decision, note: str) -> Decision:
