@@ -144,10 +144,8 @@ def no_consumer(dataset: Any, counts: list[int], epochs: int, repeats: int) -> d
             say(f"    {setting!s:>7}: {tries[setting][-1]['total']:.1f} s")
     runs = {k: sorted(v, key=lambda r: r["total"])[len(v) // 2] for k, v in tries.items()}
     best = min(counts, key=lambda k: runs[k]["total"])
-    for label in TUNED:
-        runs[label]["rounds"] = tries[label]
-    for k in counts:
-        runs[k]["rounds"] = tries[k]
+    for setting, tried in tries.items():  # totals and end counts only: no loader kept twice
+        runs[setting]["rounds"] = [(r["total"], r["loader"].num_workers) for r in tried]
     result: dict[str, Any] = {
         "batches_per_epoch": per_epoch,
         "epochs": epochs,
@@ -193,11 +191,13 @@ def tuned_summary(
     # run-to-run noise (session 5: 6.7 to 7.0 s for 2 workers on 40 images).
     paired = (
         statistics.median(
-            1 - f["total"] / t["total"]
-            for t, f in zip(tuned["rounds"], runs[chosen]["rounds"], strict=True)
-            if t["loader"].num_workers == chosen
+            1 - fixed / total
+            for (total, ended), (fixed, _) in zip(
+                tuned["rounds"], runs[chosen]["rounds"], strict=True
+            )
+            if ended == chosen
         )
-        if chosen in runs and any(t["loader"].num_workers == chosen for t in tuned["rounds"])
+        if chosen in runs and any(ended == chosen for _, ended in tuned["rounds"])
         else None
     )
     return {

@@ -442,6 +442,30 @@ def test_one_worker_above_the_cpus_is_measured_only_when_cpu_was_left_idle(cpus,
     assert "already ask for the next" in d.reason
 
 
+def test_the_early_ask_is_read_from_running_workers_only():
+    # While the tuner measures 0 workers nothing asks ahead, but that says nothing about the
+    # workers it compares: the flag keeps what the last running workers did.
+    from stoker.autotune.driver import LiveTuning
+    from stoker.plan import LoaderRequest
+
+    tuner = LiveTuner(start=2, candidates=[0, 1, 2, 3], cpu_budget=2)
+    tuning = LiveTuning(
+        tuner=tuner, request=LoaderRequest(workers="auto"), plan_for=lambda request: None
+    )
+
+    class Running:
+        num_workers, asks_ahead = 2, True
+
+    tuning.observe(Running(), 0.0, 0.01, [0])
+    assert tuner.asks_ahead
+    Running.num_workers, Running.asks_ahead = 0, False
+    tuning.observe(Running(), 0.02, 0.03, [0])
+    assert tuner.asks_ahead
+    Running.num_workers = 1  # workers again, these without the early ask
+    tuning.observe(Running(), 0.04, 0.05, [0])
+    assert not tuner.asks_ahead
+
+
 def test_the_main_process_cpu_counts_against_the_idle_cpu():
     # 2 workers used 1.6 CPUs: alone, 0.4 of 2 left idle (3 is tried, as above); with the main
     # process at 0.3 (converting batches, the training loop) only 0.1 is idle: 3 is not measured,

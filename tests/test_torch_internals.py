@@ -300,6 +300,70 @@ def test_no_batch_is_asked_for_while_persistent_workers_restart(tmp_path: Path):
         torch_internals.shutdown_workers(inner)
 
 
+class SlowAt(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """16 items, each its own index; item ``slow`` takes half a second."""
+
+    def __init__(self, slow: int) -> None:
+        self.slow = slow
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> int:
+        if i == self.slow:
+            time.sleep(0.5)
+        return i
+
+
+@pytest.mark.slow
+def test_batches_torch_drops_unseen_are_handed_to_dropped_once_each():
+    """The loop takes items 0, 1 and 2 (item 2 is slow, so items after it arrive first and wait
+    in torch's ``_task_info``), then starts the next epoch of the persistent workers. Torch's
+    ``_reset`` forgets the waiting items and reads and drops those still on their way; each of
+    them reaches ``dropped`` exactly once, and the new epoch is whole."""
+    loader = DataLoader(
+        SlowAt(2),
+        batch_size=None,
+        num_workers=2,
+        persistent_workers=True,
+        multiprocessing_context="fork",
+        timeout=60,  # a lost item fails the test instead of hanging it
+    )
+    inner = iter(loader)
+    dropped: list[int] = []
+    try:
+        assert torch_internals.dispatch_by_work(inner, lambda i: 1.0, dropped=dropped.append)
+        assert [int(next(inner)) for _ in range(3)] == [0, 1, 2]
+        waiting = sorted(k for k, info in inner._task_info.items() if len(info) == 2)
+        sent = inner._send_idx
+        assert waiting  # arrived before item 2 and never handed out
+        assert [int(x) for x in iter(loader)] == list(range(16))
+    finally:
+        torch_internals.shutdown_workers(inner)
+    assert sorted(int(x) for x in dropped) == list(range(3, sent))  # each once, none missing
+    assert set(waiting) < {int(x) for x in dropped}  # and some were still on their way
+
+    # a failing `dropped` is logged, not raised: torch's _reset must finish
+    def broken(batch: object) -> None:
+        raise ValueError("broken")
+
+    again = DataLoader(
+        SlowAt(2),
+        batch_size=None,
+        num_workers=2,
+        persistent_workers=True,
+        multiprocessing_context="fork",
+        timeout=60,
+    )
+    inner = iter(again)
+    try:
+        assert torch_internals.dispatch_by_work(inner, lambda i: 1.0, dropped=broken)
+        assert [int(next(inner)) for _ in range(3)] == [0, 1, 2]
+        assert [int(x) for x in iter(again)] == list(range(16))
+    finally:
+        torch_internals.shutdown_workers(inner)
+
+
 @pytest.mark.slow
 def test_the_least_work_hand_out_does_not_keep_the_iterator_alive():
     """A loop that drops the iterator (an interrupted epoch) stops its workers at once."""

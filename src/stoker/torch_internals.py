@@ -1,6 +1,6 @@
 """The fence around PyTorch's private DataLoader internals: every private touch stoker makes is here.
 
-stoker reads or changes five private members of torch's multi-process DataLoader iterator, each
+stoker reads or changes these private members of torch's multi-process DataLoader iterator, each
 for a reason a public API does not cover:
 
 - ``_workers`` (the worker processes): name the worker that died, and its pid, in ``WorkerFailed``;
@@ -10,6 +10,11 @@ for a reason a public API does not cover:
 - ``_worker_pids_set`` with ``torch.utils.data._utils.signal_handling._remove_worker_pids``: take the
   workers off torch's SIGCHLD watch, so a dead worker is reported at the next batch with its name
   instead of from whatever line the training loop runs;
+- ``_try_put_index``, ``_get_data`` and ``_reset`` (with ``_next_index``, ``_workers_status``,
+  ``_index_queues``, ``_workers_num_tasks``, ``_tasks_outstanding``, ``_prefetch_factor``,
+  ``_num_workers``, ``_in_order``): hand each batch to the least busy worker, let a batch that
+  arrived before its turn ask for the next, and give back the shared-memory blocks of batches
+  torch drops unseen at a persistent iterator's next epoch (``dispatch_by_work``; issue #11);
 - ``_send_idx`` and ``_rcvd_idx`` (batches asked for, batches handed out): how many batches a
   live-tuning switch still gets from the old workers, so the new ones can start at once after them
   (``outstanding_batches``), and which batches the old workers hold, to name them if one dies
@@ -35,6 +40,7 @@ or retypes one of them.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +48,8 @@ from typing import Any
 import torch
 
 from stoker.warn import warn
+
+logger = logging.getLogger("stoker")
 
 __all__ = [
     "AHEAD_ROUNDS",
@@ -261,9 +269,9 @@ def dispatch_by_work(
         # and drops anything else, so a batch asked for then would be lost).
         idx = got[0] if isinstance(got, tuple) and got else None
         if not (isinstance(idx, int) and inner._rcvd_idx < idx < inner._send_idx):
-            if isinstance(idx, int) and inner._send_idx == 0 and dropped is not None:
-                # nothing asked for yet in this iteration: torch's _reset drops this old batch
-                dropped(got[1])
+            if resetting and isinstance(idx, int):
+                # inside torch's _reset: a batch of the iteration the loop left, dropped unseen
+                _drop(got[1])
             return got
         # This batch waits for an earlier, costlier one: ask for the next now, so the worker that
         # made it keeps working instead of idling until the earlier batch arrives.
@@ -276,17 +284,30 @@ def dispatch_by_work(
         return got
 
     reset = type(inner)._reset
+    resetting = False
+
+    def _drop(batch: Any) -> None:
+        if dropped is None:
+            return
+        try:
+            dropped(batch)
+        except Exception:  # a failure here must not leave torch's _reset half done
+            logger.debug("stoker: giving back a dropped batch failed", exc_info=True)
 
     def drop_and_reset(loader: Any, first_iter: bool = False) -> None:  # torch's _reset
+        nonlocal resetting
         inner = iterator()
         if inner is None:
             raise RuntimeError("stoker: the DataLoader iterator is gone")
-        if dropped is not None:
-            # batches that arrived before their turn and were never handed out: reset forgets them
-            for info in list(inner._task_info.values()):
-                if len(info) == 2:
-                    dropped(info[1])
-        reset(inner, loader, first_iter)
+        # batches that arrived before their turn and were never handed out: reset forgets them
+        for info in list(inner._task_info.values()):
+            if len(info) == 2:
+                _drop(info[1])
+        resetting = True
+        try:
+            reset(inner, loader, first_iter)
+        finally:
+            resetting = False
 
     limit = AHEAD_ROUNDS * inner._prefetch_factor * inner._num_workers if ahead is None else ahead
     inner._try_put_index = try_put_index

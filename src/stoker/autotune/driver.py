@@ -176,7 +176,8 @@ class LiveTuning:
         wait, step = self._clock.split(asked, got)
         if self.draining or self.pending is not None:
             return  # batches asked for before the switch: the old count's, not timed
-        self.tuner.asks_ahead = bool(getattr(loader, "asks_ahead", False))
+        if loader.num_workers > 0:  # 0 workers ask nothing ahead, yet say nothing of workers
+            self.tuner.asks_ahead = bool(getattr(loader, "asks_ahead", False))
         cpu_use = self.cpu_use
         read = None if cpu_use is None or loader.num_workers == 0 else (lambda: cpu_use(loader))
         decision = self.tuner.observe(

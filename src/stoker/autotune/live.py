@@ -20,6 +20,7 @@ from stoker.autotune.rules import (
     Window,
     decide,
     missing_evidence,
+    needed_batches,
 )
 
 __all__ = ["MAX_REOPENINGS", "LiveTuner", "Remembered"]
@@ -99,8 +100,7 @@ class LiveTuner:
         after the start, not timed."""
         self._skip = max(self.current if burst is None else burst, 1)
         self._open = _OpenWindow()
-        # the fewest batches a window of this count may close with (rules.missing_evidence)
-        self._need = max(self.evidence.min_batches, self.evidence.min_rounds * max(self.current, 1))
+        self._need = needed_batches(self.current, self.evidence)  # before a window may close
         self._cpu_open = None
 
     def switched(self, workers: int, burst: int | None = None) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "Window",
     "decide",
     "missing_evidence",
+    "needed_batches",
     "neighbours",
 ]
 
@@ -237,10 +238,15 @@ class Switch:
     reason: str
 
 
+def needed_batches(workers: int, evidence: Evidence = DEFAULT_EVIDENCE) -> int:
+    """The fewest batches a window of ``workers`` decides anything with."""
+    return max(evidence.min_batches, evidence.min_rounds * max(workers, 1))
+
+
 def missing_evidence(window: Window, evidence: Evidence = DEFAULT_EVIDENCE) -> str | None:
     """What ``window`` still lacks before it can decide, in words; ``None`` when it is enough."""
     round_size = max(window.workers, 1)
-    need = max(evidence.min_batches, evidence.min_rounds * round_size)
+    need = needed_batches(window.workers, evidence)
     lacking = []
     if window.batches < need:
         lacking.append(f"{window.batches} of {need} batches")

@@ -306,8 +306,8 @@ class StokerDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         the main process maps them too) each worker keeps at most for the batches it sends:
         its blocks times what each holds (0 when batches cross in fresh segments). The blocks are
         made only when used, so this is the most, not what a short run reached."""
-        if not (self.uint8_in_transit or self.float_in_blocks):
-            return 0
+        if not (self.uint8_in_transit or self.float_in_blocks) or not reused_shared_blocks():
+            return 0  # fresh segments only (off x86-64 every batch takes one)
         return self.shared_blocks.blocks * self.shared_blocks.block_bytes
 
     @property

@@ -494,6 +494,10 @@ def build_loader(
             # only when used. 4 blocks measured x0.89, 8 x0.93 at 2 workers (issue #11).
             # Not with pinning: torch's pin thread copies each batch, so none comes back.
             blocks.blocks += ahead_rounds * (plan.prefetch_factor or 2)
+        elif blocks is not None and getattr(dataset, "uint8_in_transit", False):
+            # pinned: no block would come back (the worker dropped them after 2 x 4 refused
+            # loans); none at all, so the memory rules count none either
+            blocks.blocks = 0
         if blocks is not None and arrived is not None:
             # the main process keeps every worker's blocks mapped (one more worker: the live
             # tuner may go there), or a block mapped again costs its page faults again
