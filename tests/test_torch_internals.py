@@ -314,6 +314,18 @@ class SlowAt(torch.utils.data.Dataset):  # type: ignore[type-arg]
             time.sleep(0.5)
         return i
 
+    def persistent_loader(self) -> DataLoader[int]:
+        """Two persistent forked workers, items one at a time; a lost item fails the test
+        after a minute instead of hanging it."""
+        return DataLoader(
+            self,
+            batch_size=None,
+            num_workers=2,
+            persistent_workers=True,
+            multiprocessing_context="fork",
+            timeout=60,
+        )
+
 
 @pytest.mark.slow
 def test_batches_torch_drops_unseen_are_handed_to_dropped_once_each():
@@ -321,14 +333,7 @@ def test_batches_torch_drops_unseen_are_handed_to_dropped_once_each():
     in torch's ``_task_info``), then starts the next epoch of the persistent workers. Torch's
     ``_reset`` forgets the waiting items and reads and drops those still on their way; each of
     them reaches ``dropped`` exactly once, and the new epoch is whole."""
-    loader = DataLoader(
-        SlowAt(2),
-        batch_size=None,
-        num_workers=2,
-        persistent_workers=True,
-        multiprocessing_context="fork",
-        timeout=60,  # a lost item fails the test instead of hanging it
-    )
+    loader = SlowAt(2).persistent_loader()
     inner = iter(loader)
     dropped: list[int] = []
     try:
@@ -347,14 +352,7 @@ def test_batches_torch_drops_unseen_are_handed_to_dropped_once_each():
     def broken(batch: object) -> None:
         raise ValueError("broken")
 
-    again = DataLoader(
-        SlowAt(2),
-        batch_size=None,
-        num_workers=2,
-        persistent_workers=True,
-        multiprocessing_context="fork",
-        timeout=60,
-    )
+    again = SlowAt(2).persistent_loader()
     inner = iter(again)
     try:
         assert torch_internals.dispatch_by_work(inner, lambda i: 1.0, dropped=broken)
