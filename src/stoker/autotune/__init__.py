@@ -43,7 +43,7 @@ and keeps measuring.
   the reason says "not measured: 3 workers, more than the 2 CPUs, since 2 workers used 1.8 CPUs
   and the main process 0.2, under 0.25 left idle". Never while the loader's batches that arrive
   before their turn ask for the next (``StokerLoader.asks_ahead``, the default where ``/dev/shm``
-  has room): that fills the same wait, and quiet sweeps put 3 workers within 0.2-1.4% of 2 on
+  has room): that fills the same wait, and quiet sweeps put 3 workers within 0.2-2.9% of 2 on
   2 CPUs (under ``SAME_RATE``, so it could never be the pick); the reason says so.
 - Counts never measured are never compared: each reason lists exactly the counts measured, with
   batches/s, the wait and the number of batches.

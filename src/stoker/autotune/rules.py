@@ -61,7 +61,7 @@ FEWER_CEILING = CONTENDER
 # (issue #13: on 2 CPUs, 3 workers beat 2 by 8% where the 2 used 1.6 CPUs). With no CPU left it
 # would only add a process and its RAM. Not measured at all while batches that arrive early ask
 # for the next (`stoker.torch_internals.dispatch_by_work`, session 4): that fills the same wait,
-# and quiet sweeps then put 3 workers within 0.2-1.4% of 2 on 2 CPUs (docs/tuning.md), under
+# and quiet sweeps then put 3 workers within 0.2-2.9% of 2 on 2 CPUs (docs/tuning.md), under
 # SAME_RATE, so the count above the CPUs could never be the pick and only cost its window.
 SPARE_CPU = 0.25
 MIN_BATCHES = 12
