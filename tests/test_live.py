@@ -10,7 +10,7 @@ import torch
 
 import stoker
 from conformance import _fingerprint, assert_deterministic_and_resumable, run_epochs
-from stoker import load_dataset, make_loader
+from stoker import load_dataset, make_loader, torch_internals
 from stoker.autotune import Decision, LiveTuner
 from stoker.autotune.driver import LiveTuning, live_plan
 from stoker.data.synthetic import write_sample_dataset
@@ -50,9 +50,13 @@ class Scripted(LiveTuner):
         return self.decision
 
 
-def scripted_loader(ds, script, *, seed, start):
-    """A loader that starts with ``start`` workers and switches as ``script`` says."""
+def scripted_loader(ds, script, *, seed, start, in_flight=0):
+    """A loader that starts with ``start`` workers and switches as ``script`` says. With torch's
+    depth by default (``in_flight=0``): a switch waits for the batches already asked for, and
+    the scripts' positions are written for 2 per worker."""
     loader = make_loader(ds, seed=seed, shuffle=True, workers=start, budget=2)
+    if not in_flight:
+        loader.in_flight = 0
     request = stoker.LoaderRequest(workers="auto")
     tuner = Scripted(loader, script, start)
     plan_for = lambda fixed: plan_request(fixed, budget=2, warn=False)  # noqa: E731
@@ -78,12 +82,19 @@ def test_switching_runs_give_the_fixed_count_batches_and_resume_exactly(dataset)
 
     def build(*, seed, workers):
         if isinstance(workers, str):
-            script, start = table[workers]
-            return scripted_loader(dataset, script, seed=seed, start=start)
+            name, _, deep = workers.partition("+")
+            script, start = table[name]
+            in_flight = torch_internals.IN_FLIGHT if deep else 0
+            return scripted_loader(dataset, script, seed=seed, start=start, in_flight=in_flight)
         return make_loader(dataset, seed=seed, shuffle=True, workers=workers, budget=2)
 
+    # "+deep": with the batches kept in flight beyond torch's (the default), switches wait for
+    # more of them; the batches stay the same
     assert_deterministic_and_resumable(
-        build, seed=5, midpoint=per_epoch + 3, workers=(0, "mid", "boundary", "twice")
+        build,
+        seed=5,
+        midpoint=per_epoch + 3,
+        workers=(0, "mid", "boundary", "twice", "mid+deep", "boundary+deep"),
     )
 
 
@@ -107,6 +118,17 @@ def test_switches_happen_and_show_in_stats(dataset):
     assert set(counts) == {0, 1, 2}
     assert loader.plan.num_workers == loader.num_workers == 1
     assert "tuned live" in loader.plan.defaults[0].reason
+
+    # with the default depth (8 batches in flight, beyond 1 worker's 2) the switches land later,
+    # after the batches already asked for; the batches are the same
+    deep = scripted_loader(
+        dataset, script, seed=3, start=start, in_flight=torch_internals.IN_FLIGHT
+    )
+    assert deep.in_flight == torch_internals.IN_FLIGHT
+    assert run_epochs(deep, 2) == reference
+    moved = deep.stats().switches
+    assert [(s.from_workers, s.to_workers) for s in moved][0] == (1, 2)
+    assert moved[0].batch_in_epoch > switches[0].batch_in_epoch
 
 
 @pytest.mark.slow
@@ -245,8 +267,10 @@ def test_auto_tunes_live_and_remembers(dataset, tmp_path, monkeypatch):
     assert "1 worker is the fewest that keeps up" in decision.reason
     assert "0 workers did not" in decision.reason and stats.tuning == decision.reason
     assert [w.workers for w in decision.measured] == [0, 1, 2]
-    # settled within the run, with room to spare: the last switch came in the first 5 epochs
-    assert stats.switches[-1].epoch < 5
+    # settled within the run, with room to spare: the last switch came in the first 6 of 8
+    # epochs (each switch waits for the 8 batches in flight, `torch_internals.IN_FLIGHT`; with
+    # torch's 2 per worker it came in the first 5)
+    assert stats.switches[-1].epoch < 6
     files = list((tmp_path / "cache" / "tune").glob("*.json"))
     assert len(files) == 1
     record = json.loads(files[0].read_text())
@@ -267,7 +291,7 @@ def test_auto_tunes_live_and_remembers(dataset, tmp_path, monkeypatch):
     faster = ScriptedConsumer({0: 0.05, 1: 0.03, 2: 0.0}, step=0.02)
     third = faster.loader_for(dataset, seed=1, shuffle=True, workers="auto", budget=2)
     assert third.num_workers == 1
-    assert faster.epochs(4) == reference[: 4 * len(third)]
+    assert faster.epochs(5) == reference[: 5 * len(third)]
     assert [(s.from_workers, s.to_workers) for s in third.stats().switches] == [(1, 2)]
     assert "the remembered choice did not hold live" in third.stats().switches[0].reason
     assert third._tuning.tuner.settled and third._tuning.tuner.decision.workers == 2
@@ -296,7 +320,8 @@ def test_a_loader_bound_run_skips_counts_that_cannot_use_more_cpu(
     consumer = ScriptedConsumer({0: 0.12, 1: 0.09, 2: 0.05, 3: 0.05}, step=0.0, cpus=cpus)
     loader = consumer.loader_for(dataset, seed=2, shuffle=True, workers="auto", budget=2)
     if not asks_ahead:
-        loader._ahead_rounds = 0  # what build_loader sets when /dev/shm lacks room
+        # what build_loader sets when /dev/shm lacks room
+        loader._ahead_rounds, loader.in_flight = 0, 0
     reference = run_epochs(make_loader(dataset, seed=2, shuffle=True, workers=0, budget=2), 9)
     assert consumer.epochs(9) == reference
     assert loader.asks_ahead is asks_ahead

@@ -249,6 +249,34 @@ def test_a_batch_ahead_of_a_late_one_asks_for_the_next_within_the_bound(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("depth", "made"), [(None, 5), (8, 9)])
+def test_each_hand_out_tops_the_workers_up_to_the_depth(tmp_path: Path, depth, made: int):
+    """A loop that takes item 0 and then trains (it does not ask): torch asked for 2 workers x
+    prefetch 2 items and asks for one more per item handed out, so items 0..4 are made. With
+    ``depth=8`` the hand-out tops the workers up to 8 asked for and not received: 0..8."""
+    (tmp_path / "go").touch()
+    loader = DataLoader(
+        LateFirst(tmp_path),
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context="fork",
+        timeout=120,
+    )
+    inner = iter(loader)
+    try:
+        assert torch_internals.dispatch_by_work(inner, lambda i: 1.0, depth=depth, ahead=0)
+        assert next(inner) == 0
+        deadline = time.monotonic() + 30
+        while _made(tmp_path) != set(range(made)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # room for any item beyond the depth to be made (none may be)
+        assert _made(tmp_path) == set(range(made))
+        assert list(inner) == list(range(1, 24))
+    finally:
+        torch_internals.shutdown_workers(inner)
+
+
+@pytest.mark.slow
 def test_no_batch_is_asked_for_while_persistent_workers_restart(tmp_path: Path):
     """At an epoch's start torch reads the persistent workers' replies through ``_get_data``
     and drops anything else; a batch asked for then would be lost and the loop would wait for

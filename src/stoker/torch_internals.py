@@ -53,6 +53,7 @@ logger = logging.getLogger("stoker")
 
 __all__ = [
     "AHEAD_ROUNDS",
+    "IN_FLIGHT",
     "TESTED_TORCH",
     "missing_internals",
     "new_shared_tensor",
@@ -169,6 +170,13 @@ def stop_asking(inner: Any) -> bool:
 # own `workers x prefetch_factor` (see `dispatch_by_work`): 2 rounds reached x0.93 of twice one
 # process at 2 workers, against x0.83 with none and x0.89 with 1 (issue #11, docs/performance.md).
 AHEAD_ROUNDS = 2
+# Batches kept asked for ahead of the training loop whatever the worker count, where torch keeps
+# `prefetch_factor` per worker (see `dispatch_by_work`'s ``depth``). With a training step that
+# takes batches at a steady pace, the loop waits when a run of costly images drains what is
+# ready; torch's 4 at 2 workers let it wait 29% of its time, 8 22% (8% more batches per second),
+# 12 no less (issue #13, docs/tuning.md). It also stops the worker count from deciding the
+# depth: 3 workers beat 2 with such a loop only by their 6 batches against 4.
+IN_FLIGHT = 8
 
 # Members the least-work hand-out replaces or uses (`dispatch_by_work`).
 DISPATCH_MEMBERS = (
@@ -193,6 +201,7 @@ def dispatch_by_work(
     inner: Any,
     cost: Callable[[Any], float],
     *,
+    depth: int | None = None,
     ahead: int | None = None,
     dropped: Callable[[Any], object] | None = None,
 ) -> bool:
@@ -207,8 +216,13 @@ def dispatch_by_work(
     asks for a new batch only when it hands one out, so a batch that arrives before an earlier,
     costlier one leaves its worker idle until the costly one is done. Here such a batch asks
     for the next at once, while the batches asked for and not handed out are at most ``ahead``
-    more than torch's ``workers x prefetch_factor`` (default `AHEAD_ROUNDS` x that; 0: torch's
-    refill only).
+    more than ``depth`` (default `AHEAD_ROUNDS` x torch's ``workers x prefetch_factor``; 0:
+    torch's refill only).
+
+    ``depth``: the batches kept asked for and not yet received, at least torch's
+    ``workers x prefetch_factor`` (the default). Torch asks for one batch per batch it hands
+    out; here each hand-out tops the workers up to ``depth``, so the batches ready ahead of a
+    steadily paced loop do not depend on the worker count (`IN_FLIGHT`).
 
     ``dropped`` is called with each batch torch throws away unseen: when a persistent
     iterator starts its next epoch after the loop left one early, the batches that had arrived
@@ -234,15 +248,20 @@ def dispatch_by_work(
         inner = iterator()
         if inner is None:
             return
-        if inner._tasks_outstanding >= inner._prefetch_factor * inner._num_workers:
-            return  # a batch that arrived ahead of its turn asked for this one already
+        # torch asks for one batch per batch handed out: top up to `deep` instead (a batch that
+        # arrived ahead of its turn may have asked for this one already), within the bound
+        while inner._tasks_outstanding < deep and inner._send_idx - inner._rcvd_idx < deep + limit:
+            if not put_index(inner, returned):
+                return
+
+    def put_index(inner: Any, returned: int | None) -> bool:  # one batch; False: none to send
         try:
             index = inner._next_index()
         except StopIteration:
-            return
+            return False
         work = {w: 0.0 for w, up in enumerate(inner._workers_status) if up}
         if not work:
-            return
+            return False
         for sent in [k for k in costs if k not in inner._task_info]:
             del costs[sent]
         for sent, info in inner._task_info.items():
@@ -256,6 +275,7 @@ def dispatch_by_work(
         inner._workers_num_tasks[worker] += 1
         inner._tasks_outstanding += 1
         inner._send_idx += 1
+        return True
 
     get_data = type(inner)._get_data  # unbound: a bound method would keep the iterator alive
 
@@ -275,7 +295,7 @@ def dispatch_by_work(
             return got
         # This batch waits for an earlier, costlier one: ask for the next now, so the worker that
         # made it keeps working instead of idling until the earlier batch arrives.
-        if inner._send_idx - inner._rcvd_idx < inner._prefetch_factor * inner._num_workers + limit:
+        if inner._send_idx - inner._rcvd_idx < deep + limit:
             inner._tasks_outstanding -= 1  # torch counts this batch as returned right after
             try:
                 try_put_index(got[0])
@@ -309,7 +329,9 @@ def dispatch_by_work(
         finally:
             resetting = False
 
-    limit = AHEAD_ROUNDS * inner._prefetch_factor * inner._num_workers if ahead is None else ahead
+    torch_depth = inner._prefetch_factor * inner._num_workers
+    deep = torch_depth if depth is None else max(depth, torch_depth)
+    limit = AHEAD_ROUNDS * torch_depth if ahead is None else ahead
     inner._try_put_index = try_put_index
     inner._get_data = get_data_and_refill
     inner._reset = drop_and_reset

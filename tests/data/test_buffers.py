@@ -209,8 +209,9 @@ def test_shared_blocks_pickle_empty_and_size_blocks_for_the_largest_batch() -> N
 def test_batches_ahead_of_their_turn_only_with_room_in_dev_shm(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Batches that wait ahead of their turn (`torch_internals.AHEAD_ROUNDS`) and the workers'
-    spare blocks for them need room in /dev/shm twice over; on a container's default 64 MiB
+    """Batches that wait ahead of their turn (`torch_internals.AHEAD_ROUNDS`), those kept in
+    flight beyond torch's (`torch_internals.IN_FLIGHT`) and the workers' spare blocks for them
+    need room in /dev/shm twice over; on a container's default 64 MiB
     for these 48 MiB batches there is none, so neither is taken. With pinning no block comes
     back, so none is kept at all; the main process keeps every worker's blocks mapped."""
     import dataclasses
@@ -234,11 +235,18 @@ def test_batches_ahead_of_their_turn_only_with_room_in_dev_shm(
 
     roomy = built(1 << 40)
     assert roomy._ahead_rounds == rounds
-    assert roomy.dataset.shared_blocks.blocks == buffers_module.DEFAULT_BLOCKS + rounds * 2
+    assert roomy.in_flight == torch_internals.IN_FLIGHT
+    # each of the 2 workers' share of the batches kept in flight beyond torch's 2 x 2
+    deeper = -(-(torch_internals.IN_FLIGHT - 4) // 2)
+    assert roomy.dataset.shared_blocks.blocks == buffers_module.DEFAULT_BLOCKS + rounds * 2 + deeper
     assert roomy.dataset.arrived.keep >= 3 * roomy.dataset.shared_blocks.blocks
     docker = built(64 << 20)
-    assert docker._ahead_rounds == 0
+    assert docker._ahead_rounds == 0 and docker.in_flight == 0
     assert docker.dataset.shared_blocks.blocks == buffers_module.DEFAULT_BLOCKS
+    # a prefetch_factor the user gave is the depth: nothing deeper is kept in flight
+    given = built(1 << 40, request=LoaderRequest(workers=2, prefetch_factor=2))
+    assert given._ahead_rounds == rounds and given.in_flight == 0
+    assert given.dataset.shared_blocks.blocks == buffers_module.DEFAULT_BLOCKS + rounds * 2
     pinned = built(1 << 40, pin_memory=True)
     assert pinned._ahead_rounds == rounds
     # no block would come back from pinned copies: none at all, and none counted as memory

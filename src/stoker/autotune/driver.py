@@ -249,7 +249,8 @@ class LiveTuning:
         loader.plan = plan
         # The new workers load while the old ones hand over: up to every batch they may have
         # asked for is ready when the hand-over ends, and would time as instant.
-        burst = plan.num_workers * (plan.prefetch_factor or 1) if handing_over else None
+        asked = max(plan.num_workers * (plan.prefetch_factor or 1), getattr(loader, "in_flight", 0))
+        burst = asked if handing_over else None
         self.tuner.switched(plan.num_workers, burst)
         self.switches.append(
             Switch(

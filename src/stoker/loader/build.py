@@ -94,8 +94,12 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
     _old_persistent: Any = None
     _old_offset: int = 0  # see _hand_over: to name what a dead old worker was loading
     # Rounds of workers x prefetch_factor that may wait ahead of their turn
-    # (torch_internals.dispatch_by_work); 0 where /dev/shm has no room for them (`_ahead_rounds`).
+    # (torch_internals.dispatch_by_work); 0 where /dev/shm has no room for them (`_transit_room`).
     _ahead_rounds: int = torch_internals.AHEAD_ROUNDS
+    # Batches the workers are kept asked for ahead of the loop, at least torch's
+    # workers x prefetch_factor (`torch_internals.IN_FLIGHT`); 0: torch's alone (a prefetch_factor
+    # was given, or /dev/shm has no room).
+    in_flight: int = 0
     # Whether the running workers' early batches ask for the next (the live tuner reads it).
     asks_ahead: bool = False
 
@@ -263,7 +267,11 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
             ahead = self._ahead_rounds * (self.prefetch_factor or 2) * self.num_workers
             dropped = getattr(self.dataset, "drop", None)
             dispatched = torch_internals.dispatch_by_work(
-                inner, cost, ahead=ahead, dropped=dropped if callable(dropped) else None
+                inner,
+                cost,
+                depth=self.in_flight or None,
+                ahead=ahead,
+                dropped=dropped if callable(dropped) else None,
             )
             self.asks_ahead = dispatched and ahead > 0
         # A weak reference: a loop that breaks early must not keep the workers alive.
@@ -399,14 +407,20 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
                 )
 
 
-def _ahead_rounds(batch_bytes: int, prefetch_factor: int, workers: int) -> int:
-    """`torch_internals.AHEAD_ROUNDS`, or 0 when ``/dev/shm`` lacks room for those batches twice
-    over (waiting in the main process, and as the workers' spare blocks): a container's default
-    ``/dev/shm`` is 64 MiB, where torch's own ``workers x prefetch_factor`` batches may be all
-    that fits. ``batch_bytes``: the largest batch as it crosses (0: unknown, no check)."""
+def _transit_room(
+    batch_bytes: int, prefetch_factor: int, workers: int, in_flight: int
+) -> tuple[int, int]:
+    """``(ahead rounds, in flight)``: `torch_internals.AHEAD_ROUNDS` and ``in_flight``, or
+    ``(0, 0)`` when ``/dev/shm`` lacks room for the batches they add beyond torch's own
+    ``workers x prefetch_factor``, twice over (waiting in the main process, and as the workers'
+    spare blocks): a container's default ``/dev/shm`` is 64 MiB, where torch's own batches may
+    be all that fits. ``batch_bytes``: the largest batch as it crosses (0: unknown, no check)."""
     rounds = torch_internals.AHEAD_ROUNDS
-    need = 2 * rounds * prefetch_factor * workers * batch_bytes
-    return rounds if batch_bytes <= 0 or shm_free_bytes() >= need else 0
+    deeper = max(0, in_flight - prefetch_factor * workers)
+    need = 2 * (rounds * prefetch_factor * workers + deeper) * batch_bytes
+    if batch_bytes <= 0 or shm_free_bytes() >= need:
+        return rounds, in_flight
+    return 0, 0
 
 
 @contextlib.contextmanager
@@ -473,16 +487,21 @@ def build_loader(
                 dataset = dataset.with_seed(seed)
                 dataset.float_transit = "uint8"
             dataset = dataset.for_workers()  # e.g. float batches cross the queue as uint8
-            deeper = (plan.prefetch_factor or 2) - 2
-            if getattr(dataset, "float_in_blocks", False) and deeper > 0:
-                # blocks for the deeper queue too, besides the loop's share (FLOAT_BLOCKS)
-                dataset.shared_blocks.blocks += deeper
+    prefetch = plan.prefetch_factor or 2
     # the live tuner may go one worker above, or start workers on a loader built without any
-    ahead_rounds = _ahead_rounds(
+    ahead_rounds, in_flight = _transit_room(
         getattr(dataset, "transit_batch_bytes", 0),
-        plan.prefetch_factor or 2,
+        prefetch,
         max(plan.num_workers, 1) + 1,
+        # a prefetch_factor the user gave is the depth they asked for
+        torch_internals.IN_FLIGHT if plan.request.prefetch_factor is None else 0,
     )
+    # a worker's share of the batches kept in flight beyond torch's prefetch_factor each
+    workers = max(plan.num_workers, 1)
+    deeper = -(-max(0, in_flight - prefetch * workers) // workers)
+    if plan.num_workers > 0 and getattr(dataset, "float_in_blocks", False):
+        # blocks for the deeper queue too, besides the loop's share (FLOAT_BLOCKS)
+        dataset.shared_blocks.blocks += max(0, prefetch - 2) + deeper
     if plan.num_workers > 0 and isinstance(dataset, BatchingDataset):
         blocks, arrived = getattr(dataset, "shared_blocks", None), getattr(dataset, "arrived", None)
         if (
@@ -493,7 +512,7 @@ def build_loader(
             # blocks for a worker's share of the batches that wait ahead of their turn; made
             # only when used. 4 blocks measured x0.89, 8 x0.93 at 2 workers (issue #11).
             # Not with pinning: torch's pin thread copies each batch, so none comes back.
-            blocks.blocks += ahead_rounds * (plan.prefetch_factor or 2)
+            blocks.blocks += ahead_rounds * prefetch + deeper
         elif blocks is not None and getattr(dataset, "uint8_in_transit", False):
             # pinned: no block would come back (the worker dropped them after 2 x 4 refused
             # loans); none at all, so the memory rules count none either
@@ -516,6 +535,7 @@ def build_loader(
     loader.seed = seed
     loader._tuning = tuning
     loader._ahead_rounds = ahead_rounds
+    loader.in_flight = in_flight
     # A stoker dataset's list, shared, so dataset.decode_problems sees them too.
     loader.decode_problems = dataset.decode_problems if isinstance(dataset, BatchingDataset) else []
     if monitor is True:
