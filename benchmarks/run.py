@@ -606,6 +606,9 @@ def section_scaling(
     # Batches cost unevenly (0.3 to 12 MP sources) and torch hands them to workers in turn and
     # returns them in order, so one worker waits for the other; a deeper queue evens that out.
     settings.append((2, f"{DEEPER} (not the default)", ds))
+    # A prefetch_factor given is the depth: torch's 2 per worker, without the 8 batches kept in
+    # flight since session 6 (torch_internals.IN_FLIGHT), the default before it.
+    settings.append((2, f"{TORCH_DEPTH} (torch's depth, as before session 6)", ds))
     float_blocks = object.__new__(FloatBlocksLeastWork)
     float_blocks.__dict__.update(ds.__dict__)
     settings.append((2, "float lent in blocks, least work (the other transit)", float_blocks))
@@ -655,10 +658,13 @@ def section_scaling(
 
 
 DEEPER = "prefetch_factor 4"
+TORCH_DEPTH = "prefetch_factor 2"
 
 
 def _prefetch(label: str) -> int | None:
-    return 4 if label.startswith(DEEPER) else None
+    if label.startswith(DEEPER):
+        return 4
+    return 2 if label.startswith(TORCH_DEPTH) else None
 
 
 def _cpu_per_image(

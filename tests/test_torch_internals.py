@@ -251,9 +251,10 @@ def test_a_batch_ahead_of_a_late_one_asks_for_the_next_within_the_bound(tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize(("depth", "made"), [(None, 5), (8, 9)])
 def test_each_hand_out_tops_the_workers_up_to_the_depth(tmp_path: Path, depth, made: int):
-    """A loop that takes item 0 and then trains (it does not ask): torch asked for 2 workers x
-    prefetch 2 items and asks for one more per item handed out, so items 0..4 are made. With
-    ``depth=8`` the hand-out tops the workers up to 8 asked for and not received: 0..8."""
+    """A loop that takes item 0 once items 0..3 are made, and then trains (it does not ask):
+    torch asked for 2 workers x prefetch 2 items and asks for one more per item handed out, so
+    items 0..4 are made. With ``depth=8``, as items 1..3 wait in the queue unread, the hand-out
+    tops the workers up to 8 asked for and not received: 0..8."""
     (tmp_path / "go").touch()
     loader = DataLoader(
         LateFirst(tmp_path),
@@ -265,8 +266,11 @@ def test_each_hand_out_tops_the_workers_up_to_the_depth(tmp_path: Path, depth, m
     inner = iter(loader)
     try:
         assert torch_internals.dispatch_by_work(inner, lambda i: 1.0, depth=depth, ahead=0)
-        assert next(inner) == 0
         deadline = time.monotonic() + 30
+        while _made(tmp_path) != set(range(4)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # room for them to reach the queue
+        assert next(inner) == 0
         while _made(tmp_path) != set(range(made)) and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.3)  # room for any item beyond the depth to be made (none may be)

@@ -10,7 +10,7 @@ for a reason a public API does not cover:
 - ``_worker_pids_set`` with ``torch.utils.data._utils.signal_handling._remove_worker_pids``: take the
   workers off torch's SIGCHLD watch, so a dead worker is reported at the next batch with its name
   instead of from whatever line the training loop runs;
-- ``_try_put_index``, ``_get_data`` and ``_reset`` (with ``_next_index``, ``_workers_status``,
+- ``_try_put_index``, ``_get_data`` and ``_reset`` (with ``_data_queue``, ``_next_index``, ``_workers_status``,
   ``_index_queues``, ``_workers_num_tasks``, ``_tasks_outstanding``, ``_prefetch_factor``,
   ``_num_workers``, ``_in_order``): hand each batch to the least busy worker, let a batch that
   arrived before its turn ask for the next, and give back the shared-memory blocks of batches
@@ -219,9 +219,10 @@ def dispatch_by_work(
     more than ``depth`` (default `AHEAD_ROUNDS` x torch's ``workers x prefetch_factor``; 0:
     torch's refill only).
 
-    ``depth``: the batches kept asked for and not yet received, at least torch's
+    ``depth``: the batches kept asked for and not yet received while made batches wait unread
+    in the queue (the workers are ahead of the loop), at least torch's
     ``workers x prefetch_factor`` (the default). Torch asks for one batch per batch it hands
-    out; here each hand-out tops the workers up to ``depth``, so the batches ready ahead of a
+    out; here such a hand-out tops the workers up to ``depth``, so the batches ready ahead of a
     steadily paced loop do not depend on the worker count (`IN_FLIGHT`).
 
     ``dropped`` is called with each batch torch throws away unseen: when a persistent
@@ -248,9 +249,15 @@ def dispatch_by_work(
         inner = iterator()
         if inner is None:
             return
-        # torch asks for one batch per batch handed out: top up to `deep` instead (a batch that
-        # arrived ahead of its turn may have asked for this one already), within the bound
-        while inner._tasks_outstanding < deep and inner._send_idx - inner._rcvd_idx < deep + limit:
+        # torch asks for one batch per batch handed out (a batch that arrived ahead of its turn
+        # may have asked for this one already). While batches wait in the queue unread, the
+        # workers are ahead of the loop and would idle once done: top them up to `deep`. Not
+        # while the loop takes each batch as it comes: then they are busy, and asking further
+        # ahead only commits batches to workers earlier (batch 4 on 2 CPUs: x0.90 the rate).
+        target = deep if deep > torch_depth and _waiting(inner) else torch_depth
+        while (
+            inner._tasks_outstanding < target and inner._send_idx - inner._rcvd_idx < deep + limit
+        ):
             if not put_index(inner, returned):
                 return
 
@@ -331,12 +338,23 @@ def dispatch_by_work(
 
     torch_depth = inner._prefetch_factor * inner._num_workers
     deep = torch_depth if depth is None else max(depth, torch_depth)
+    if deep > torch_depth and not hasattr(inner, "_data_queue"):
+        _degraded("_data_queue", "keeping more batches in flight than torch")
+        deep = torch_depth
     limit = AHEAD_ROUNDS * torch_depth if ahead is None else ahead
     inner._try_put_index = try_put_index
     inner._get_data = get_data_and_refill
     inner._reset = drop_and_reset
     inner._stoker_dispatch = True
     return True
+
+
+def _waiting(inner: Any) -> bool:
+    """Whether batches wait in the iterator's queue, made and not yet read by the loop."""
+    try:
+        return not inner._data_queue.empty()
+    except (OSError, ValueError):  # a queue closed under us: the iterator is shutting down
+        return False
 
 
 def unwatch_worker_exits(inner: Any) -> None:

@@ -44,7 +44,9 @@ and keeps measuring.
   and the main process 0.2, under 0.25 left idle". Never while the loader's batches that arrive
   before their turn ask for the next (``StokerLoader.asks_ahead``, the default where ``/dev/shm``
   has room): that fills the same wait, and quiet sweeps put 3 workers within 0.2-2.9% of 2 on
-  2 CPUs (under ``SAME_RATE``, so it could never be the pick); the reason says so.
+  2 CPUs (under ``SAME_RATE``, so it could never be the pick); the reason says so. With a
+  steadily paced training step the loader keeps the same batches in flight at every count
+  (``stoker.torch_internals.IN_FLIGHT``), so one worker more no longer wins by its deeper queue.
 - Counts never measured are never compared: each reason lists exactly the counts measured, with
   batches/s, the wait and the number of batches.
 

@@ -62,7 +62,10 @@ FEWER_CEILING = CONTENDER
 # would only add a process and its RAM. Not measured at all while batches that arrive early ask
 # for the next (`stoker.torch_internals.dispatch_by_work`, session 4): that fills the same wait,
 # and quiet sweeps then put 3 workers within 0.2-2.9% of 2 on 2 CPUs (docs/tuning.md), under
-# SAME_RATE, so the count above the CPUs could never be the pick and only cost its window.
+# SAME_RATE, so the count above the CPUs could never be the pick and only cost its window. With
+# a training step that takes batches at a steady pace, 3 workers on 2 CPUs had waited 2-6% less
+# than 2 only for their deeper queue (6 batches against 4); the loader now keeps 8 in flight
+# whatever the count (`stoker.torch_internals.IN_FLIGHT`, session 6).
 SPARE_CPU = 0.25
 MIN_BATCHES = 12
 MIN_ROUNDS = 3
