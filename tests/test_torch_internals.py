@@ -168,6 +168,7 @@ def test_batches_go_to_the_worker_with_the_least_work_and_return_in_order(tmp_pa
     got = []
     try:
         assert set(torch_internals.DISPATCH_MEMBERS) <= set(dir(inner))  # the canary
+        assert hasattr(inner, "_data_queue")  # read to keep more in flight (the `depth`)
         assert torch_internals.dispatch_by_work(inner, lambda i: 100.0 if i == 4 else 1.0)
         for item in inner:
             got.append(item)

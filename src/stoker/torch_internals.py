@@ -10,11 +10,12 @@ for a reason a public API does not cover:
 - ``_worker_pids_set`` with ``torch.utils.data._utils.signal_handling._remove_worker_pids``: take the
   workers off torch's SIGCHLD watch, so a dead worker is reported at the next batch with its name
   instead of from whatever line the training loop runs;
-- ``_try_put_index``, ``_get_data`` and ``_reset`` (with ``_data_queue``, ``_next_index``, ``_workers_status``,
-  ``_index_queues``, ``_workers_num_tasks``, ``_tasks_outstanding``, ``_prefetch_factor``,
-  ``_num_workers``, ``_in_order``): hand each batch to the least busy worker, let a batch that
-  arrived before its turn ask for the next, and give back the shared-memory blocks of batches
-  torch drops unseen at a persistent iterator's next epoch (``dispatch_by_work``; issue #11);
+- ``_try_put_index``, ``_get_data`` and ``_reset`` (with ``_data_queue``, ``_next_index``,
+  ``_workers_status``, ``_index_queues``, ``_workers_num_tasks``, ``_tasks_outstanding``,
+  ``_prefetch_factor``, ``_num_workers``, ``_in_order``): hand each batch to the least busy
+  worker, let a batch that arrived before its turn ask for the next, keep more batches in flight
+  than torch while made ones wait unread, and give back the shared-memory blocks of batches
+  torch drops unseen at a persistent iterator's next epoch (``dispatch_by_work``; issues #11, #13);
 - ``_send_idx`` and ``_rcvd_idx`` (batches asked for, batches handed out): how many batches a
   live-tuning switch still gets from the old workers, so the new ones can start at once after them
   (``outstanding_batches``), and which batches the old workers hold, to name them if one dies
