@@ -119,16 +119,13 @@ def test_switches_happen_and_show_in_stats(dataset):
     assert loader.plan.num_workers == loader.num_workers == 1
     assert "tuned live" in loader.plan.defaults[0].reason
 
-    # with the default depth (8 batches in flight, beyond 1 worker's 2) the switches land later,
-    # after the batches already asked for; the batches are the same
-    deep = scripted_loader(
-        dataset, script, seed=3, start=start, in_flight=torch_internals.IN_FLIGHT
-    )
+    # with the default depth (up to 8 batches in flight while made ones wait unread, beyond 1
+    # worker's 2) a switch may wait for more batches already asked for; the batches are the same
+    deep = scripted_loader(dataset, script, seed=3, start=start, in_flight=torch_internals.IN_FLIGHT)
     assert deep.in_flight == torch_internals.IN_FLIGHT
     assert run_epochs(deep, 2) == reference
     moved = deep.stats().switches
     assert [(s.from_workers, s.to_workers) for s in moved][0] == (1, 2)
-    assert moved[0].batch_in_epoch > switches[0].batch_in_epoch
 
 
 @pytest.mark.slow
