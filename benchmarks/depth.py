@@ -23,47 +23,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-import warnings
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tune import dataset_of  # noqa: E402  # the same images and config
+from tune import dataset_of, paced  # noqa: E402  # the same images, config and loop
 
-import stoker  # noqa: E402
 from stoker import torch_internals  # noqa: E402
-
-
-def paced(dataset: Any, workers: int, depth: int | None, rate: float | None, batches: int):
-    """``(wait share, batches/s)`` of a loop taking ``batches`` batches, sleeping ``1 / rate`` s
-    after each (``None``: no sleep), with ``depth`` batches in flight (``None``: torch's)."""
-    budget = max(workers, stoker.cpu_budget().cpus)  # so the planner keeps the count asked for
-    with warnings.catch_warnings():
-        # torch's advice about more workers than CPUs: budget+1 is measured on purpose
-        warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
-        warnings.filterwarnings("ignore", category=stoker.InputBoundWarning)
-        loader = stoker.make_loader(dataset, workers=workers, budget=budget, seed=0)
-        loader.in_flight = torch_internals.IN_FLIGHT if depth is None else depth
-        it = iter(loader)
-        wait = wall = 0.0
-        start_up = max(workers, 1)
-        for i in range(batches):
-            asked = time.perf_counter()
-            try:
-                next(it)
-            except StopIteration:  # the next epoch, with the same (persistent) workers
-                it = iter(loader)
-                next(it)
-            got = time.perf_counter()
-            if rate:
-                time.sleep(1.0 / rate)
-            if i > start_up:
-                wait += got - asked
-                wall += time.perf_counter() - asked
-        del it
-    return wait / wall, (batches - start_up - 1) / wall
 
 
 def main() -> None:
@@ -74,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     dataset = dataset_of(40)
-    alone = {k: paced(dataset, k, None, None, args.batches)[1] for k in sorted({1, *counts})}
+    alone = {k: paced(dataset, k, None, batches=args.batches)[1] for k in sorted({1, *counts})}
     rate = (alone[1] + max(alone.values())) / 2
     print(
         "no consumer, batches/s: "
@@ -86,7 +52,7 @@ def main() -> None:
     results: dict[tuple[int, int], list[tuple[float, float]]] = {s: [] for s in settings}
     for r in range(args.rounds):
         for s in settings[r % len(settings) :] + settings[: r % len(settings)]:
-            results[s].append(paced(dataset, s[0], s[1], rate, args.batches))
+            results[s].append(paced(dataset, s[0], rate, batches=args.batches, in_flight=s[1]))
     print(f"median of {args.rounds} rounds of {args.batches} batches (range):")
     for (k, depth), got in results.items():
         waits, rates = [w for w, _ in got], [b for _, b in got]

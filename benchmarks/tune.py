@@ -242,13 +242,26 @@ def tuned_summary(
 def steady_wait(dataset: Any, workers: int, rate: float, *, batches: int) -> float:
     """The share of time a loop taking 1/rate s per batch waits, after the first round (worker
     start-up) and one more batch."""
+    return paced(dataset, workers, rate, batches=batches)[0]
+
+
+def paced(
+    dataset: Any, workers: int, rate: float | None, *, batches: int, in_flight: int | None = None
+) -> tuple[float, float]:
+    """``(wait share, batches/s)`` of a loop taking ``batches`` batches and sleeping ``1 / rate``
+    s after each (``None``: no sleep), after the first round (worker start-up) and one more
+    batch; ``in_flight``: the loader's ``in_flight`` (``None``: as built)."""
     budget = max(workers, stoker.cpu_budget().cpus)  # so the planner keeps the count asked for
     wait = wall = 0.0
+    start_up = max(workers, 1)
     with warnings.catch_warnings():
         # torch's advice about more workers than CPUs (given when the first batch starts them):
         # budget+1 is measured on purpose
         warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
+        warnings.filterwarnings("ignore", category=stoker.InputBoundWarning)
         loader = stoker.make_loader(dataset, workers=workers, budget=budget, seed=0)
+        if in_flight is not None:
+            loader.in_flight = in_flight
         it = iter(loader)
         for i in range(batches):
             asked = time.perf_counter()
@@ -258,12 +271,13 @@ def steady_wait(dataset: Any, workers: int, rate: float, *, batches: int) -> flo
                 it = iter(loader)
                 next(it)
             got = time.perf_counter()
-            time.sleep(1.0 / rate)
-            if i > max(workers, 1):
+            if rate:
+                time.sleep(1.0 / rate)
+            if i > start_up:
                 wait += got - asked
                 wall += time.perf_counter() - asked
         del it
-    return wait / wall
+    return wait / wall, (batches - start_up - 1) / wall
 
 
 def slowest_load(dataset: Any) -> float:

@@ -121,7 +121,9 @@ def test_switches_happen_and_show_in_stats(dataset):
 
     # with the default depth (up to 8 batches in flight while made ones wait unread, beyond 1
     # worker's 2) a switch may wait for more batches already asked for; the batches are the same
-    deep = scripted_loader(dataset, script, seed=3, start=start, in_flight=torch_internals.IN_FLIGHT)
+    deep = scripted_loader(
+        dataset, script, seed=3, start=start, in_flight=torch_internals.IN_FLIGHT
+    )
     assert deep.in_flight == torch_internals.IN_FLIGHT
     assert run_epochs(deep, 2) == reference
     moved = deep.stats().switches

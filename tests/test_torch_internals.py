@@ -10,6 +10,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -210,6 +211,27 @@ def _made(folder: Path) -> set[int]:
     return {int(f.name.split("-")[1]) for f in folder.glob("made-*")}
 
 
+def _late_first_loader(folder: Path) -> Any:
+    # a timeout: a lost item fails the test instead of hanging it
+    loader = DataLoader(
+        LateFirst(folder),
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context="fork",
+        timeout=120,
+    )
+    return iter(loader)
+
+
+def _await_made(folder: Path, expected: set[int], *, settle: float) -> set[int]:
+    """What was made once ``expected`` is (or 30 s passed), after ``settle`` s more."""
+    deadline = time.monotonic() + 30
+    while _made(folder) != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(settle)
+    return _made(folder)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ahead", [0, 8])
 def test_a_batch_ahead_of_a_late_one_asks_for_the_next_within_the_bound(tmp_path: Path, ahead: int):
@@ -219,23 +241,13 @@ def test_a_batch_ahead_of_a_late_one_asks_for_the_next_within_the_bound(tmp_path
     4 + 8 items asked for and not handed out: 0..11, all made but 0, 2 and 4 (torch sent 0..3
     in turn, with no cost recorded, so item 4 goes to worker 0 at a tie). Then the late item
     comes and every item is handed out once, in order."""
-    loader = DataLoader(  # a timeout: a lost item fails the test instead of hanging it
-        LateFirst(tmp_path),
-        batch_size=None,
-        num_workers=2,
-        multiprocessing_context="fork",
-        timeout=120,
-    )
-    inner = iter(loader)
+    inner = _late_first_loader(tmp_path)
     expected = {1, 3} if ahead == 0 else set(range(1, 12)) - {2, 4}
     seen: list[set[int]] = []
 
     def release_the_late_item() -> None:  # the loop waits in next() for item 0 meanwhile
-        deadline = time.monotonic() + 30
-        while _made(tmp_path) != expected and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.3)  # room for any item beyond the bound to be made (none may be)
-        seen.append(_made(tmp_path))
+        # room for any item beyond the bound to be made (none may be)
+        seen.append(_await_made(tmp_path, expected, settle=0.3))
         (tmp_path / "go").touch()
 
     release = threading.Thread(target=release_the_late_item)
@@ -257,25 +269,13 @@ def test_each_hand_out_tops_the_workers_up_to_the_depth(tmp_path: Path, depth, m
     items 0..4 are made. With ``depth=8``, as items 1..3 wait in the queue unread, the hand-out
     tops the workers up to 8 asked for and not received: 0..8."""
     (tmp_path / "go").touch()
-    loader = DataLoader(
-        LateFirst(tmp_path),
-        batch_size=None,
-        num_workers=2,
-        multiprocessing_context="fork",
-        timeout=120,
-    )
-    inner = iter(loader)
+    inner = _late_first_loader(tmp_path)
     try:
         assert torch_internals.dispatch_by_work(inner, lambda i: 1.0, depth=depth, ahead=0)
-        deadline = time.monotonic() + 30
-        while _made(tmp_path) != set(range(4)) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.2)  # room for them to reach the queue
+        _await_made(tmp_path, set(range(4)), settle=0.2)  # room for them to reach the queue
         assert next(inner) == 0
-        while _made(tmp_path) != set(range(made)) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.3)  # room for any item beyond the depth to be made (none may be)
-        assert _made(tmp_path) == set(range(made))
+        # room for any item beyond the depth to be made (none may be)
+        assert _await_made(tmp_path, set(range(made)), settle=0.3) == set(range(made))
         assert list(inner) == list(range(1, 24))
     finally:
         torch_internals.shutdown_workers(inner)
