@@ -263,13 +263,17 @@ def test_a_batch_ahead_of_a_late_one_asks_for_the_next_within_the_bound(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("depth", "made"), [(None, 5), (8, 9)])
-def test_each_hand_out_tops_the_workers_up_to_the_depth(tmp_path: Path, depth, made: int):
+def test_each_hand_out_tops_the_workers_up_to_the_depth(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, depth, made: int
+):
     """A loop that takes item 0 once items 0..3 are made, and then trains (it does not ask):
     torch asked for 2 workers x prefetch 2 items and asks for one more per item handed out, so
     items 0..4 are made. With ``depth=8``, as items 1..3 wait in the queue unread, the hand-out
     tops the workers up to 8 asked for and not received: 0..8."""
     (tmp_path / "go").touch()
     inner = _late_first_loader(tmp_path)
+    # whether items 1..3 reached the queue by the hand-out is timing: said here, tested below
+    monkeypatch.setattr(torch_internals, "_waiting", lambda inner: True)
     try:
         assert torch_internals.dispatch_by_work(inner, lambda i: 1.0, depth=depth, ahead=0)
         _await_made(tmp_path, set(range(4)), settle=0.2)  # room for them to reach the queue
@@ -409,3 +413,23 @@ def test_the_least_work_hand_out_does_not_keep_the_iterator_alive():
     assert alive() is None  # freed by reference counting, not left for the garbage collector
     workers[0].join(timeout=10)
     assert not workers[0].is_alive()
+
+
+def test_batches_wait_unread_only_when_the_queue_holds_one() -> None:
+    """`_waiting` reads the iterator's queue: empty, holding a batch, closed (shutting down)."""
+    import queue
+
+    class Inner:
+        _data_queue: Any = queue.Queue()
+
+    inner = Inner()
+    assert not torch_internals._waiting(inner)
+    inner._data_queue.put((0, "batch"))
+    assert torch_internals._waiting(inner)
+
+    class Closed:
+        def empty(self) -> bool:
+            raise OSError("handle is closed")
+
+    inner._data_queue = Closed()
+    assert not torch_internals._waiting(inner)

@@ -249,8 +249,9 @@ class LiveTuning:
         loader.plan = plan
         # The new workers load while the old ones hand over: up to every batch they may have
         # asked for is ready when the hand-over ends, and would time as instant.
-        asked = max(plan.num_workers * (plan.prefetch_factor or 1), getattr(loader, "in_flight", 0))
-        burst = asked if handing_over else None
+        # (Torch's depth: the new iterator is not read before the hand-over ends, so the top-up
+        # to `in_flight`, made at a hand-out, has not happened yet.)
+        burst = plan.num_workers * (plan.prefetch_factor or 1) if handing_over else None
         self.tuner.switched(plan.num_workers, burst)
         self.switches.append(
             Switch(

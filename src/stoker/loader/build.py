@@ -210,7 +210,8 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
         hand-over to end (nothing left to ask for in the epoch, or torch does not say what is
         outstanding); either way ``inner`` asks for nothing more.
 
-        Workers have up to ``workers x prefetch_factor`` batches outstanding; the main process
+        Workers have up to ``workers x prefetch_factor`` batches outstanding (more while batches
+        wait unread, up to ``in_flight`` and the early ask's bound); the main process
         (0 workers) has none, so a switch from 0 starts the new workers with nothing to overlap.
         Letting the main process load one more batch per new worker meanwhile was measured and
         made it worse (``benchmarks/switch_stall.py --from 0 --to 2``: the loop waits for those
@@ -284,8 +285,9 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
         With torch 2.13, spawned (and forkserver) workers that are stopped while still making a
         batch abort ("terminate called without an active exception", then "DataLoader worker is
         killed by signal: Aborted" from a later line of the user's program). Idle ones stop
-        cleanly, so the few batches already asked for are collected first (at most workers x
-        prefetch_factor) and nothing more is asked. Persistent workers stay for the next epoch.
+        cleanly, so the few batches already asked for are collected first (at most ``in_flight``
+        or workers x prefetch_factor, with the early ask's bound) and nothing more is asked.
+        Persistent workers stay for the next epoch.
         ``handing_over``: ``inner`` is the old iterator of a live-tuning switch; it is stopped
         whatever its kind (nothing will ask it for more).
         """
@@ -418,9 +420,13 @@ def _transit_room(
     rounds = torch_internals.AHEAD_ROUNDS
     deeper = max(0, in_flight - prefetch_factor * workers)
     need = 2 * (rounds * prefetch_factor * workers + deeper) * batch_bytes
-    if batch_bytes <= 0 or shm_free_bytes() >= need:
+    if batch_bytes <= 0:
         return rounds, in_flight
-    return 0, 0
+    free = shm_free_bytes()
+    if free >= need:
+        return rounds, in_flight
+    # room for the early ask's batches alone: keep those (x0.93 against x0.83, issue #11)
+    return (rounds, 0) if free >= 2 * rounds * prefetch_factor * workers * batch_bytes else (0, 0)
 
 
 @contextlib.contextmanager
