@@ -108,6 +108,10 @@ def main() -> None:
         weights = get_peft_model_state_dict(accelerator.unwrap_model(unet))
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, args.out)
         print(f"saved {len(weights)} LoRA tensors to {Path(args.out).resolve()}")
+    # Every rank destroys the process group together, after rank 0 has saved: a rank that tears
+    # its group down while another still works is a known way for destroy_process_group to hang
+    # (pytorch/pytorch#75097).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 

@@ -6,7 +6,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from collections import Counter
 
 import pytest
 
+import launch
 from stoker import SharedMemoryFull, WorkerFailed, load_dataset, make_loader
 from stoker.data.synthetic import write_sample_dataset
 from stoker.loader.failures import explain_failure
@@ -178,36 +178,16 @@ TORCHRUN = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.torchrun
 def test_torchrun_two_ranks_split_every_epoch(sample, tmp_path):
     script = tmp_path / "train.py"
     script.write_text(TORCHRUN)
     out = tmp_path / "ranks.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("STOKER_CPUS", None)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}",
-            str(script),
-            str(sample.config),
-            str(out),
-        ],
+    launch.run(
+        [*launch.launcher(2), str(script), str(sample.config), str(out)],
+        env=launch.launch_env(),
         check=True,
-        timeout=300,
-        env=env,
-        capture_output=True,
     )
     epochs = json.loads(out.read_text())
     ds = load_dataset(sample.config)
@@ -249,25 +229,13 @@ ACCELERATE = textwrap.dedent(
 
 
 def _run_accelerate(script, sample, out, *, ranks: int, workers: int) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("STOKER_CPUS", None)
+    env = launch.launch_env()
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(name, None)
-    launch = [sys.executable]
-    if ranks > 1:
-        launch += [
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={ranks}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}",
-        ]
-    subprocess.run(
-        [*launch, str(script), str(sample.config), str(out), str(workers)],
-        check=True,
-        timeout=300,
+    launch.run(
+        [*launch.launcher(ranks), str(script), str(sample.config), str(out), str(workers)],
         env=env,
-        capture_output=True,
+        check=True,
     )
     return [json.loads(out.with_name(f"{out.name}.{r}").read_text()) for r in range(ranks)]
 
@@ -311,7 +279,7 @@ def test_a_loader_sharded_for_other_ranks_than_the_process_group_warns(sample):
     from stoker import StokerWarning
 
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        "gloo", init_method=f"tcp://127.0.0.1:{launch.free_port()}", rank=0, world_size=1
     )
     try:
         ds = load_dataset(sample.config)
@@ -376,14 +344,10 @@ def test_lightning_ddp_keeps_every_sample_or_says_what_to_do(sample, tmp_path, m
     script = tmp_path / "fit.py"
     script.write_text(LIGHTNING)
     out = tmp_path / "seen.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("STOKER_CPUS", None)
-    subprocess.run(
-        [sys.executable, str(script), str(sample.config), str(out), mode.split("=")[0]],
+    launch.run(
+        [*launch.launcher(1), str(script), str(sample.config), str(out), mode.split("=")[0]],
+        env=launch.launch_env(),
         check=True,
-        timeout=300,
-        env=env,
-        capture_output=True,
         cwd=tmp_path,
     )
     results = [json.loads(out.with_name(f"{out.name}.{r}").read_text()) for r in range(2)]

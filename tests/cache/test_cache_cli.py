@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+import launch
 import stoker
 from stoker.cache.index import CacheIndex
 from stoker.cli import main
@@ -61,27 +59,14 @@ def test_cache_command_without_a_folder_says_how_to_give_one(folder, vae_dir, ca
     assert "--cache-dir" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.torchrun
 def test_torchrun_two_ranks_encode_disjoint_shares_into_one_index(
     folder, vae_dir, clip_dirs, tmp_path
 ):
     cache = tmp_path / "cache"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("STOKER_CPUS", None)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
+    env = launch.launch_env()
+    arguments = [
         "-m",
         "stoker.cli",
         "cache",
@@ -90,8 +75,7 @@ def test_torchrun_two_ranks_encode_disjoint_shares_into_one_index(
         "1",
         "--json",
     ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch.run([*launch.launcher(2), *arguments], env=env, check=True)
     for kind, entries in (("latents", 7), ("text", 4)):
         shards = sorted(p.name for p in cache.glob(f"{kind}-r*.safetensors"))
         assert {name.split("-")[1] for name in shards} == {"r0", "r1"}  # both ranks wrote
@@ -106,7 +90,5 @@ def test_torchrun_two_ranks_encode_disjoint_shares_into_one_index(
     assert "latents" in dataset[0] and "text_hidden_states" in dataset[0]
     # A second run finds everything valid: neither rank writes a shard.
     before = sorted(p.name for p in cache.glob("*.safetensors"))
-    command[5] = f"--master_port={_free_port()}"
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    launch.run([*launch.launcher(2), *arguments], env=env, check=True)  # a fresh port
     assert sorted(p.name for p in cache.glob("*.safetensors")) == before

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+import launch
 
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
@@ -39,12 +37,6 @@ def unet_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_train_lora_example_caches_then_trains(
@@ -69,19 +61,7 @@ def test_train_lora_example_caches_then_trains(
         "--out",
         str(out),
     ]
-    launcher = [sys.executable]
-    if processes == 2:
-        launcher += [
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}",
-        ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("STOKER_CPUS", None)
-    done = subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = launch.run([*launch.launcher(processes), *args], env=launch.launch_env(), check=True)
     steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]
     assert len(steps) == 3
     assert out.exists()
