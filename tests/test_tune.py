@@ -482,6 +482,10 @@ def test_cli_tune_measures_prints_and_remembers(sample, cache, capsys, monkeypat
     assert main(["tune", str(sample.config), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     # The second run starts from the same remembered file; it is re-checked live, so on a loaded
-    # machine it may measure again (cached is then False and the reason says what changed).
-    assert report["cache_path"] == remembered and report["choice"]["measurements"]
+    # machine it may measure again (cached is then False and the reason says what changed). On a
+    # fast one, two epochs of 8 images can end before a window holds its 0.5 s: then nothing is
+    # claimed as measured, and the reason says so.
+    assert report["cache_path"] == remembered
+    choice = report["choice"]
+    assert bool(choice["measurements"]) != ("nothing measured yet" in choice["reason"])
     assert report["cached"] or "remembered" not in report["choice"]["reason"][:10]
