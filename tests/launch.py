@@ -43,10 +43,10 @@ def launcher(ranks: int) -> list[str]:
     ]
 
 
-def launch_env(**changes: str) -> dict[str, str]:
+def launch_env() -> dict[str, str]:
     """This process's environment for a launched run: one thread per rank, the CPUs as the
     machine counts them (no STOKER_CPUS), and faulthandler on for the stacks of a hang."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **changes}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     env.pop("STOKER_CPUS", None)
     return env
 
@@ -94,9 +94,9 @@ def _read(file: IO[str], offset: int) -> str:
 
 
 def _abort_tree(pid: int) -> None:
-    """SIGABRT ``pid`` and everything below it, deepest first, so each prints its stacks
-    before its parent reacts to the death of its children. torchrun starts each rank in a session of its own,
-    so the tree is walked, not the process group signalled."""
+    """SIGABRT ``pid`` and everything below it, deepest first, so each prints its stacks before
+    its parent reacts to the death of its children. torchrun starts each rank in a session of
+    its own, so the tree is walked, not the process group signalled."""
     tree = [pid]
     parents = _parents()
     for member in tree:  # grows while it is walked: breadth first

@@ -412,21 +412,22 @@ class StokerLoader(DataLoader):  # type: ignore[type-arg]
 def _transit_room(
     batch_bytes: int, prefetch_factor: int, workers: int, in_flight: int
 ) -> tuple[int, int]:
-    """``(ahead rounds, in flight)``: `torch_internals.AHEAD_ROUNDS` and ``in_flight``, or
-    ``(0, 0)`` when ``/dev/shm`` lacks room for the batches they add beyond torch's own
-    ``workers x prefetch_factor``, twice over (waiting in the main process, and as the workers'
-    spare blocks): a container's default ``/dev/shm`` is 64 MiB, where torch's own batches may
-    be all that fits. ``batch_bytes``: the largest batch as it crosses (0: unknown, no check)."""
+    """``(ahead rounds, in flight)``: `torch_internals.AHEAD_ROUNDS` and ``in_flight`` when
+    ``/dev/shm`` has room for the batches they add beyond torch's own ``workers x
+    prefetch_factor``, twice over (waiting in the main process, and as the workers' spare
+    blocks); ``(AHEAD_ROUNDS, 0)`` when it has room for the early ask's batches alone; else
+    ``(0, 0)``. A container's default ``/dev/shm`` is 64 MiB, where torch's own batches may be
+    all that fits. ``batch_bytes``: the largest batch as it crosses (0: unknown, no check)."""
     rounds = torch_internals.AHEAD_ROUNDS
-    deeper = max(0, in_flight - prefetch_factor * workers)
-    need = 2 * (rounds * prefetch_factor * workers + deeper) * batch_bytes
     if batch_bytes <= 0:
         return rounds, in_flight
+    ahead = rounds * prefetch_factor * workers
+    deeper = max(0, in_flight - prefetch_factor * workers)
     free = shm_free_bytes()
-    if free >= need:
+    if free >= 2 * (ahead + deeper) * batch_bytes:
         return rounds, in_flight
     # room for the early ask's batches alone: keep those (x0.93 against x0.83, issue #11)
-    return (rounds, 0) if free >= 2 * rounds * prefetch_factor * workers * batch_bytes else (0, 0)
+    return (rounds, 0) if free >= 2 * ahead * batch_bytes else (0, 0)
 
 
 @contextlib.contextmanager
